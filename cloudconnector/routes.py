@@ -1,0 +1,84 @@
+"""Where the proxy sends a device: the join of Device, Group and Endpoint, from their status.
+
+The operator (or the standalone reconciler) writes status; the proxy only reads it. This module is
+the single definition of which status fields the proxy relies on:
+
+Device ``status``: ``phase`` (Ready when usable), ``endpoint`` (name the identity was made at),
+``cloudId``, ``certificateId`` (changes on rotation), ``keyLocation``.
+Endpoint ``status``: ``phase`` (Ready), ``host`` and ``port`` of the data plane.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from cloudconnector.errors import InvalidSpec
+from cloudconnector.model import (
+    EndpointType,
+    ObjectRef,
+    TopicMapping,
+    parse_device,
+    parse_endpoint,
+    parse_group,
+)
+
+READY = "Ready"
+
+
+@dataclass(frozen=True)
+class Route:
+    device: ObjectRef  # also the key store slot
+    iccid: str
+    imsi: str | None
+    ip: str | None
+    endpoint_type: EndpointType
+    host: str
+    port: int
+    ca_pem: str | None
+    client_id: str  # AWS thing name / Azure device id / MQTT client id
+    certificate_id: str  # a new value means new credentials: reconnects must refetch
+    topic_mapping: TopicMapping = TopicMapping.FLATTEN
+
+
+class Directory(Protocol):
+    """The proxy's view of provisioned devices; implementations keep it current."""
+
+    def by_ip(self, ip: str) -> Route | None: ...
+
+    def by_iccid(self, iccid: str) -> Route | None: ...
+
+
+def build_route(
+    device: Mapping[str, Any], group: Mapping[str, Any] | None, endpoint: Mapping[str, Any] | None
+) -> Route | None:
+    """The route for a device, or None while it is not usable (not Ready, moved, endpoint down)."""
+    dstatus = device.get("status") or {}
+    if dstatus.get("phase") != READY or group is None or endpoint is None:
+        return None
+    try:
+        dev = parse_device(device)
+        grp = parse_group(group)
+        ep = parse_endpoint(endpoint)
+    except InvalidSpec:
+        return None
+    if dev.group != grp.ref.name or grp.endpoint != ep.ref.name or dstatus.get("endpoint") != ep.ref.name:
+        return None  # mid-migration: the stored identity belongs to another endpoint
+    estatus = endpoint.get("status") or {}
+    host = estatus.get("host") or ep.host
+    if not host:
+        return None
+    return Route(
+        device=dev.ref,
+        iccid=dev.iccid,
+        imsi=dev.imsi,
+        ip=dev.ip,
+        endpoint_type=ep.type,
+        host=host,
+        port=int(estatus.get("port") or ep.port),
+        ca_pem=ep.ca_certificate,
+        client_id=dstatus.get("cloudId") or dev.cloud_id,
+        certificate_id=str(dstatus.get("certificateId") or ""),
+        topic_mapping=ep.azure.topic_mapping if ep.azure else TopicMapping.FLATTEN,
+    )

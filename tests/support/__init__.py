@@ -1,0 +1,1 @@
+"""Launchers for the real stand-ins the tests talk to over the network."""

