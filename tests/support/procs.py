@@ -73,7 +73,7 @@ def run_bao() -> Iterator[Bao]:
     url = f"http://127.0.0.1:{port}"
 
     def healthy() -> bool:
-        with urllib.request.urlopen(f"{url}/v1/sys/health", timeout=1) as r:  # noqa: S310
+        with urllib.request.urlopen(f"{url}/v1/sys/health", timeout=1) as r:
             return r.status == 200
 
     try:
@@ -89,8 +89,8 @@ class Moto:
     proc: subprocess.Popen[bytes]
 
     def reset(self) -> None:
-        req = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")  # noqa: S310
-        urllib.request.urlopen(req, timeout=5).close()  # noqa: S310
+        req = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")
+        urllib.request.urlopen(req, timeout=5).close()
 
 
 @contextlib.contextmanager
