@@ -1,0 +1,102 @@
+"""The hook through which a cloud may rewrite the MQTT conversation of one device session.
+
+AWS IoT Core and plain MQTT brokers need only the CONNECT rewritten (client id, credentials); the
+rest is relayed as raw bytes. Azure IoT Hub needs every packet mapped, so its transform (in
+``proxy/azure.py``) asks for packet-level relay. A transform is made per device session, so it may
+keep state (subscriptions to map back, QoS 2 handshakes it completes itself).
+
+Contract for a :class:`SessionTransform`:
+
+- :meth:`connect` gets the device's CONNECT and returns the CONNECT to send upstream, or a
+  CONNACK to refuse the device with (no upstream connection is kept). Its ``protocol_level`` is
+  the level spoken upstream; the device keeps its own level on its side.
+- :meth:`from_cloud` gets every packet from the cloud, the CONNACK first; :meth:`from_device`
+  every packet from the device after CONNECT. Each returns a :class:`Relay`: packets to send
+  upstream and packets to send back to the device (answer locally, drop, or split).
+- With ``packet_relay`` False, only CONNECT and CONNACK pass through the transform; after that
+  the proxy copies bytes.
+- A transform raises :class:`TransformError` to end the session (the reason is logged).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from cloudconnector.keystore.base import KeyMaterial
+from cloudconnector.model import EndpointType
+from cloudconnector.mqtt.packets import Connack, Connect, Packet
+from cloudconnector.routes import Route
+
+
+class TransformError(Exception):
+    """The session cannot go on (e.g. a packet the cloud cannot express); ends that session only."""
+
+
+@dataclass(frozen=True)
+class Relay:
+    """The outcome of one packet: what goes to the cloud and what goes back to the device."""
+
+    to_cloud: tuple[Packet, ...] = ()
+    to_device: tuple[Packet, ...] = ()
+
+
+class SessionTransform(Protocol):
+    packet_relay: bool
+
+    def connect(self, packet: Connect, credentials: KeyMaterial) -> Connect | Connack: ...
+
+    def from_device(self, packet: Packet) -> Relay: ...
+
+    def from_cloud(self, packet: Packet) -> Relay: ...
+
+
+TransformFactory = Callable[[Route], SessionTransform]
+
+
+class Passthrough:
+    """AWS IoT Core and generic MQTT: the client id becomes the cloud identity, nothing else changes.
+
+    For an MQTT broker, a user name and password stored with the device's credentials replace the
+    device's own; otherwise the device's are relayed (the broker then sees them as sent).
+    """
+
+    packet_relay = False
+
+    def __init__(self, route: Route) -> None:
+        self.route = route
+
+    def connect(self, packet: Connect, credentials: KeyMaterial) -> Connect | Connack:
+        out = replace(packet, client_id=self.route.client_id)
+        if self.route.endpoint_type is EndpointType.MQTT and credentials.username is not None:
+            password = credentials.password.encode() if credentials.password is not None else None
+            out = replace(out, username=credentials.username, password=password)
+        return out
+
+    def from_device(self, packet: Packet) -> Relay:
+        return Relay(to_cloud=(packet,))
+
+    def from_cloud(self, packet: Packet) -> Relay:
+        return Relay(to_device=(packet,))
+
+
+_FACTORIES: dict[EndpointType, TransformFactory] = {}
+# Modules that register a transform for an endpoint type when imported.
+_PROVIDERS = {EndpointType.AZURE: "cloudconnector.proxy.azure"}
+
+
+def register(endpoint_type: EndpointType, factory: TransformFactory) -> None:
+    """Use ``factory`` for every new session to an endpoint of ``endpoint_type``."""
+    _FACTORIES[endpoint_type] = factory
+
+
+def transform_for(route: Route) -> SessionTransform:
+    factory = _FACTORIES.get(route.endpoint_type)
+    if factory is None and route.endpoint_type in _PROVIDERS:
+        with contextlib.suppress(ModuleNotFoundError):  # not written yet: passthrough
+            importlib.import_module(_PROVIDERS[route.endpoint_type])
+        factory = _FACTORIES.get(route.endpoint_type)
+    return (factory or Passthrough)(route)
