@@ -86,7 +86,9 @@ class Broker:
     log: Path
 
 
-def broker_config(workdir: Path, ca: DemoCA, server: Pair, admin_port: int, devices: list[DeviceListener]) -> str:
+def broker_config(
+    workdir: Path, ca: DemoCA, server: Pair, admin_port: int, devices: list[DeviceListener]
+) -> str:
     """mosquitto.conf: an admin listener for the observer, then one listener per device.
 
     Every listener demands a client certificate (TLS 1.2+) and takes the certificate's CN as the

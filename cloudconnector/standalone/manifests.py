@@ -67,7 +67,7 @@ class Snapshot:
 def _schema_validator() -> Callable[[Mapping[str, Any]], None] | None:
     """The CRD schema validator, when that module is installed alongside."""
     try:
-        from cloudconnector import schema  # noqa: PLC0415 - optional until the CRD module exists
+        from cloudconnector import schema
     except ImportError:
         return None
     validate: Callable[[Mapping[str, Any]], None] | None = getattr(schema, "validate", None)

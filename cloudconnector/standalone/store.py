@@ -64,6 +64,7 @@ class StateStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives a killed process
         self._db.execute(_SCHEMA)
         self._lock = threading.Lock()
 
@@ -95,8 +96,8 @@ class StateStore:
             }
             body.pop("status", None)
             self._db.execute(
-                "INSERT INTO objects (kind, namespace, name, uid, generation, created, source, manifest, status)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                "INSERT INTO objects"
+                " (kind, namespace, name, uid, generation, created, source, manifest, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (kind, namespace, name) DO UPDATE SET"
                 " generation = excluded.generation, source = excluded.source, manifest = excluded.manifest",
                 (kind, ref.namespace, ref.name, uid, generation, created, source, json.dumps(body), status),
@@ -148,7 +149,9 @@ class StateStore:
 
     def _from_row(self, row: sqlite3.Row | tuple[Any, ...]) -> StoredObject:
         kind, namespace, name, _uid, _gen, _created, source, manifest, status = tuple(row)
-        return self._object(kind, ObjectRef(namespace, name), source, json.loads(manifest), json.loads(status))
+        return self._object(
+            kind, ObjectRef(namespace, name), source, json.loads(manifest), json.loads(status)
+        )
 
     @staticmethod
     def _object(

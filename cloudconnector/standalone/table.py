@@ -83,4 +83,6 @@ def render(kind: str, objects: Iterable[StoredObject], *, namespace_column: bool
                 row.append("" if value is None else str(value))
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
-    return "\n".join("   ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    return "\n".join(
+        "   ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )

@@ -1,0 +1,339 @@
+"""The standalone reconcile loop: manifests in a directory, status in SQLite, the operator's core.
+
+This module plays the part the API server and kopf play in a cluster: it turns "what the files
+say" into calls to the same reconcilers the operator uses (``cloudconnector.core``), persists
+every status write they make, and decides what was removed. Deletion is conservative: an object
+is only finalized when the file that defined it is gone or parsed cleanly without it, never when
+its file failed to parse; an Endpoint stays known until no device holds an identity there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cloudconnector import api
+from cloudconnector.core.conflicts import Peer, find_clashes
+from cloudconnector.core.device import DeviceReconciler, has_identity
+from cloudconnector.core.endpoint import READY as ENDPOINT_READY
+from cloudconnector.core.endpoint import Usage, check_endpoint
+from cloudconnector.core.group import group_status
+from cloudconnector.core.provisioners import ProvisionerPool
+from cloudconnector.errors import ConnectorError, CredentialsError, PermanentError, TransientError
+from cloudconnector.keystore.base import KeyWriter
+from cloudconnector.model import Device, Endpoint, ObjectRef, parse_device, parse_endpoint, parse_group
+from cloudconnector.routes import Route, build_route
+from cloudconnector.standalone.manifests import ManifestError, Snapshot, load_dir, manifest_files
+from cloudconnector.standalone.store import StateStore, StoredObject
+
+logger = logging.getLogger(__name__)
+
+CREDENTIALS_RETRY = 60.0
+
+RoutesSink = Callable[[list[Route]], None]
+DeviceSink = Callable[[ObjectRef, Mapping[str, Any]], None]
+
+
+@dataclass
+class PassResult:
+    """What one reconcile pass did; ``retry_in`` is set when something asked to be retried."""
+
+    errors: list[ManifestError] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # "ns/name" -> message (permanent)
+    retry_in: float | None = None
+    pending: int = 0
+
+    def want_retry(self, delay: float) -> None:
+        self.retry_in = delay if self.retry_in is None else min(self.retry_in, delay)
+
+
+class SecretsView:
+    """Secrets read from the manifest directory: Endpoint API keys and manual device credentials."""
+
+    def __init__(self) -> None:
+        self.data: dict[tuple[str, str], dict[str, str]] = {}
+
+    async def read(self, namespace: str, name: str) -> Mapping[str, bytes] | None:
+        found = self.data.get((namespace, name))
+        return None if found is None else {k: v.encode() for k, v in found.items()}
+
+    async def credentials(self, endpoint: Endpoint) -> Mapping[str, str]:
+        """The Endpoint's Secret from DIR; without one, the cloud SDK's own environment chain."""
+        name = None
+        if endpoint.aws is not None:
+            name = endpoint.aws.credentials_secret
+        elif endpoint.azure is not None:
+            name = endpoint.azure.credentials_secret
+        if name is None:
+            return {}
+        found = self.data.get((endpoint.ref.namespace, name))
+        return dict(found) if found is not None else {}
+
+
+class Runner:
+    def __init__(
+        self,
+        directory: Path,
+        store: StateStore,
+        keys: KeyWriter,
+        pool: ProvisionerPool,
+        secrets: SecretsView,
+        *,
+        concurrency: int = 32,
+        on_routes: RoutesSink | None = None,
+        on_device: DeviceSink | None = None,
+    ) -> None:
+        self.directory = directory
+        self.store = store
+        self.secrets = secrets
+        self._pool = pool
+        self._devices = DeviceReconciler(pool, keys, self._lookup_endpoint, secrets)
+        self._semaphore = asyncio.Semaphore(concurrency)
+        self._on_routes = on_routes
+        self._on_device = on_device
+        self._not_before: dict[str, float] = {}  # device key -> monotonic time of next retry
+        self._failed: dict[str, int] = {}  # device key -> generation that failed permanently
+
+    # -- lookups over the store --------------------------------------------------------------
+
+    def _lookup_endpoint(self, namespace: str, name: str) -> Endpoint | None:
+        obj = self.store.get(api.KIND_ENDPOINT, ObjectRef(namespace, name))
+        return None if obj is None else parse_endpoint(obj.body)
+
+    def _save(self, kind: str, ref: ObjectRef) -> Callable[[dict[str, Any]], Any]:
+        async def save(status: dict[str, Any]) -> None:
+            self.store.set_status(kind, ref, status)
+            if kind == api.KIND_DEVICE and self._on_device is not None:
+                self._on_device(ref, status)
+
+        return save
+
+    # -- one pass --------------------------------------------------------------------------
+
+    def read(self) -> Snapshot:
+        if not self.directory.is_dir():
+            raise PermanentError(f"{self.directory} is not a directory", reason="NoManifests")
+        return load_dir(self.directory)
+
+    async def reconcile(self, snap: Snapshot | None = None) -> PassResult:
+        """Apply the directory once: store what it says, reconcile everything, finalize removals."""
+        snap = snap if snap is not None else self.read()
+        result = PassResult(errors=list(snap.errors))
+        for error in snap.errors:
+            logger.error("%s", error)
+        self.secrets.data = dict(snap.secrets)
+        wanted = {m.key for m in snap.manifests}
+        for manifest in snap.manifests:
+            self.store.apply(manifest.kind, manifest.body, manifest.source)
+
+        def removed(obj: StoredObject) -> bool:
+            return (
+                obj.kind,
+                obj.ref.namespace,
+                obj.ref.name,
+            ) not in wanted and obj.source not in snap.failed_files
+
+        await self._endpoints(removed)
+        await self._devices_pass(removed, result)
+        self._groups(removed)
+        self._forget_endpoints(removed)
+        self._publish_routes()
+        return result
+
+    async def _endpoints(self, removed: Callable[[StoredObject], bool]) -> None:
+        devices = self.store.list(api.KIND_DEVICE)
+        groups = {(g.ref.namespace, g.ref.name): g for g in self.store.list(api.KIND_GROUP)}
+        for obj in self.store.list(api.KIND_ENDPOINT):
+            if removed(obj):
+                continue
+            endpoint = parse_endpoint(obj.body)
+            users = [
+                d
+                for d in devices
+                if (g := groups.get((d.ref.namespace, d.body.get("spec", {}).get("group"))))
+                and g.body.get("spec", {}).get("endpointRef", {}).get("name") == endpoint.ref.name
+            ]
+            usage = Usage(len(users), sum(1 for d in users if d.status.get("phase") == "Ready"))
+            status = await check_endpoint(endpoint, self._pool, obj.status, usage)
+            if status != obj.status:
+                self.store.set_status(api.KIND_ENDPOINT, obj.ref, status)
+
+    async def _devices_pass(self, removed: Callable[[StoredObject], bool], result: PassResult) -> None:
+        objects = self.store.list(api.KIND_DEVICE)
+        live = [o for o in objects if not removed(o)]
+        peers: dict[str, list[Peer]] = {}
+        for obj in live:
+            dev = parse_device(obj.body)
+            peers.setdefault(dev.ref.namespace, []).append(Peer(dev.ref.name, dev.ip, dev.iccid))
+        now = time.monotonic()
+        tasks = []
+        for obj in objects:
+            key = str(obj.ref)
+            if self._not_before.get(key, 0.0) > now:
+                result.want_retry(self._not_before[key] - now)
+                result.pending += 1
+                continue
+            if removed(obj):
+                tasks.append(self._finalize(obj, result))
+            elif self._failed.get(key) == obj.body["metadata"]["generation"]:
+                result.failed[key] = str(obj.status.get("message") or "failed")
+            else:
+                tasks.append(self._reconcile_device(obj, peers.get(obj.ref.namespace, []), result))
+        await asyncio.gather(*tasks)
+
+    async def _reconcile_device(self, obj: StoredObject, peers: list[Peer], result: PassResult) -> None:
+        device = parse_device(obj.body)
+        group_obj = self.store.get(api.KIND_GROUP, ObjectRef(device.ref.namespace, device.group))
+        group = parse_group(group_obj.body) if group_obj is not None else None
+        endpoint_obj = (
+            self.store.get(api.KIND_ENDPOINT, ObjectRef(device.ref.namespace, group.endpoint))
+            if group is not None
+            else None
+        )
+        endpoint = parse_endpoint(endpoint_obj.body) if endpoint_obj is not None else None
+        ready = endpoint_obj is not None and endpoint_obj.status.get("phase") == ENDPOINT_READY
+        async with self._semaphore:
+            await self._guard(
+                device,
+                result,
+                self._devices.reconcile(
+                    device,
+                    group,
+                    endpoint,
+                    obj.status,
+                    self._save(api.KIND_DEVICE, device.ref),
+                    endpoint_ready=ready,
+                    clashes=find_clashes(device, peers),
+                ),
+            )
+
+    async def _finalize(self, obj: StoredObject, result: PassResult) -> None:
+        device = parse_device(obj.body)
+        async with self._semaphore:
+            done = await self._guard(
+                device,
+                result,
+                self._devices.finalize(device, obj.status, self._save(api.KIND_DEVICE, device.ref)),
+            )
+        if done:
+            self.store.delete(api.KIND_DEVICE, device.ref)
+            logger.info("Device %s removed", device.ref)
+
+    async def _guard(self, device: Device, result: PassResult, work: Any) -> bool:
+        """Run one reconcile; map its outcome to the retry schedule. True when it succeeded."""
+        key = str(device.ref)
+        try:
+            await work
+        except TransientError as e:
+            self._not_before[key] = time.monotonic() + e.delay
+            result.want_retry(e.delay)
+            result.pending += 1
+            return False
+        except CredentialsError as e:
+            # The keys may be restored or replaced in the Secret: retry, slowly.
+            self._not_before[key] = time.monotonic() + CREDENTIALS_RETRY
+            result.failed[key] = str(e)
+            return False
+        except ConnectorError as e:
+            # Retrying the same input cannot help: wait for an edit, which moves the generation.
+            self._failed[key] = device.generation
+            result.failed[key] = str(e)
+            return False
+        self._not_before.pop(key, None)
+        self._failed.pop(key, None)
+        return True
+
+    def _groups(self, removed: Callable[[StoredObject], bool]) -> None:
+        devices = self.store.list(api.KIND_DEVICE)
+        for obj in self.store.list(api.KIND_GROUP):
+            if removed(obj):
+                self.store.delete(api.KIND_GROUP, obj.ref)
+                continue
+            group = parse_group(obj.body)
+            members = [
+                d.status
+                for d in devices
+                if d.ref.namespace == group.ref.namespace
+                and d.body.get("spec", {}).get("group") == group.ref.name
+            ]
+            exists = (
+                self.store.get(api.KIND_ENDPOINT, ObjectRef(group.ref.namespace, group.endpoint)) is not None
+            )
+            status = group_status(group, obj.status, members, endpoint_exists=exists)
+            if status != obj.status:
+                self.store.set_status(api.KIND_GROUP, obj.ref, status)
+
+    def _forget_endpoints(self, removed: Callable[[StoredObject], bool]) -> None:
+        devices = self.store.list(api.KIND_DEVICE)
+        for obj in self.store.list(api.KIND_ENDPOINT):
+            if not removed(obj):
+                continue
+            holders = [
+                d
+                for d in devices
+                if d.ref.namespace == obj.ref.namespace
+                and d.status.get("endpoint") == obj.ref.name
+                and (has_identity(d.status) or d.status.get("progress"))
+            ]
+            if not holders:
+                self.store.delete(api.KIND_ENDPOINT, obj.ref)
+
+    def routes(self) -> list[Route]:
+        groups = {(g.ref.namespace, g.ref.name): g.body for g in self.store.list(api.KIND_GROUP)}
+        endpoints = {(e.ref.namespace, e.ref.name): e.body for e in self.store.list(api.KIND_ENDPOINT)}
+        found = []
+        for dev in self.store.list(api.KIND_DEVICE):
+            group = groups.get((dev.ref.namespace, dev.body.get("spec", {}).get("group")))
+            endpoint = None
+            if group is not None:
+                endpoint = endpoints.get(
+                    (dev.ref.namespace, group.get("spec", {}).get("endpointRef", {}).get("name"))
+                )
+            route = build_route(dev.body, group, endpoint)
+            if route is not None:
+                found.append(route)
+        return found
+
+    def _publish_routes(self) -> None:
+        if self._on_routes is not None:
+            self._on_routes(self.routes())
+
+    # -- loops -----------------------------------------------------------------------------
+
+    async def run_until_settled(self, limit: float = 300.0) -> PassResult:
+        """``run --once``: passes until nothing waits for a retry (or ``limit`` seconds pass)."""
+        deadline = time.monotonic() + limit
+        snap = self.read()
+        while True:
+            result = await self.reconcile(snap)
+            if result.retry_in is None or time.monotonic() + result.retry_in > deadline:
+                return result
+            await asyncio.sleep(result.retry_in)
+
+    async def watch(self, interval: float = 1.0) -> None:
+        """``run --watch``: reconcile on every change of DIR and whenever a retry is due."""
+        last: tuple[tuple[str, float, int], ...] | None = None
+        due = 0.0
+        while True:
+            signature = _signature(self.directory)
+            if signature != last or time.monotonic() >= due:
+                last = signature
+                result = await self.reconcile()
+                due = time.monotonic() + (result.retry_in if result.retry_in is not None else 60.0)
+            await asyncio.sleep(interval)
+
+
+def _signature(directory: Path) -> tuple[tuple[str, float, int], ...]:
+    out = []
+    for path in manifest_files(directory):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        out.append((str(path), st.st_mtime, st.st_size))
+    return tuple(out)
