@@ -97,7 +97,8 @@ class StateStore:
             body.pop("status", None)
             self._db.execute(
                 "INSERT INTO objects"
-                " (kind, namespace, name, uid, generation, created, source, manifest, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " (kind, namespace, name, uid, generation, created, source, manifest, status)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (kind, namespace, name) DO UPDATE SET"
                 " generation = excluded.generation, source = excluded.source, manifest = excluded.manifest",
                 (kind, ref.namespace, ref.name, uid, generation, created, source, json.dumps(body), status),
