@@ -142,6 +142,10 @@ seccompProfile:
 {{- end }}
 - name: CLOUDCONNECTOR_VAULT_ROLE
   value: {{ index $v.roles .component | quote }}
+{{- if and $v.jwtAudience (ne $v.authMethod "token") }}
+- name: CLOUDCONNECTOR_VAULT_JWT_FILE
+  value: /var/run/secrets/vault/token
+{{- end }}
 - name: CLOUDCONNECTOR_VAULT_KV_MOUNT
   value: {{ $v.kvMount | quote }}
 - name: CLOUDCONNECTOR_VAULT_PREFIX
@@ -226,4 +230,19 @@ seccompProfile:
     {{- range .ports }}
     - {protocol: TCP, port: {{ . }}}
     {{- end }}
+{{- end -}}
+
+{{/* Volume and mount for an audience-bound token used only to log in to Vault. */}}
+{{- define "cc.vaultTokenWanted" -}}
+{{- if and .Values.vault.jwtAudience (ne .Values.vault.authMethod "token") -}}true{{- end -}}
+{{- end -}}
+
+{{- define "cc.vaultTokenVolume" -}}
+- name: vault-token
+  projected:
+    sources:
+      - serviceAccountToken:
+          audience: {{ .Values.vault.jwtAudience | quote }}
+          expirationSeconds: 3600
+          path: token
 {{- end -}}
