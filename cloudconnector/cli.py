@@ -1,0 +1,121 @@
+"""The ``cloud-connector`` command: run the standalone mode, show its status, or run the demo.
+
+Deliberately, no subcommand prints or exports key material: keys go from the cloud into the key
+store and from there only into the proxy's TLS handshakes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cloudconnector import api
+
+DEFAULT_STATE = ".cloud-connector"
+
+
+def _state_dir(value: str | None) -> Path:
+    return Path(value or os.environ.get("CLOUDCONNECTOR_STATE") or DEFAULT_STATE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cloud-connector", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="reconcile manifests from a directory and serve the proxy")
+    run.add_argument("-f", "--filename", required=True, metavar="DIR", help="directory of YAML manifests")
+    run.add_argument("--state", metavar="DIR", help=f"state directory (default {DEFAULT_STATE})")
+    mode = run.add_mutually_exclusive_group()
+    mode.add_argument("--once", action="store_true", help="apply once, wait for retries, exit")
+    mode.add_argument("--watch", action="store_true", help="keep running and re-apply on change (default)")
+    run.add_argument("--interval", type=float, default=2.0, help="seconds between checks of DIR")
+    run.add_argument("--bind", default="0.0.0.0", help="proxy listen address")
+    run.add_argument("--mqtt-port", type=int, default=1883, help="plain MQTT port for devices (0: off)")
+    run.add_argument("--timeout", type=float, default=300.0, help="with --once: give up after seconds")
+
+    status = sub.add_parser("status", help="show Endpoints, Groups and Devices like kubectl get")
+    status.add_argument("--state", metavar="DIR", help=f"state directory (default {DEFAULT_STATE})")
+    status.add_argument(
+        "kind", nargs="?", default="devices", choices=["devices", "groups", "endpoints", "all"]
+    )
+
+    demo = sub.add_parser("demo", help="provision simulated devices against local AWS stand-ins")
+    demo.add_argument("--devices", type=int, default=50, help="number of simulated devices")
+    demo.add_argument("--messages", type=int, default=5, help="messages per device")
+    demo.add_argument("--keep", metavar="DIR", help="keep the demo's files in DIR")
+    return parser
+
+
+def _status(args: argparse.Namespace) -> int:
+    from cloudconnector.standalone.store import StateStore
+    from cloudconnector.standalone.table import render
+
+    path = _state_dir(args.state) / "state.db"
+    if not path.exists():
+        print(f"no state at {path}: run `cloud-connector run -f DIR` first", file=sys.stderr)
+        return 1
+    store = StateStore(path)
+    try:
+        kinds = {
+            "devices": [api.KIND_DEVICE],
+            "groups": [api.KIND_GROUP],
+            "endpoints": [api.KIND_ENDPOINT],
+            "all": [api.KIND_ENDPOINT, api.KIND_GROUP, api.KIND_DEVICE],
+        }[args.kind]
+        tables = []
+        for kind in kinds:
+            objects = store.list(kind)
+            namespaces = {o.ref.namespace for o in objects}
+            if objects:
+                tables.append(render(kind, objects, namespace_column=len(namespaces) > 1))
+            elif len(kinds) == 1:
+                tables.append(f"No {api.PLURALS[kind]} found.")
+        print("\n\n".join(tables))
+    finally:
+        store.close()
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from cloudconnector.standalone.serve import run_command
+
+    return asyncio.run(
+        run_command(
+            Path(args.filename),
+            _state_dir(args.state),
+            once=args.once,
+            interval=args.interval,
+            bind=args.bind,
+            mqtt_port=args.mqtt_port or None,
+            timeout=args.timeout,
+        )
+    )
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from cloudconnector.demo.main import run_demo
+
+    return asyncio.run(run_demo(devices=args.devices, messages=args.messages, keep=args.keep))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO if args.command == "run" else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    handlers = {"run": _run, "status": _status, "demo": _demo}
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
