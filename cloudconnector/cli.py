@@ -93,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
             interval=args.interval,
             bind=args.bind,
             mqtt_port=args.mqtt_port or None,
-            timeout=args.timeout,
+            limit=args.timeout,
         )
     )
 

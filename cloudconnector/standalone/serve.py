@@ -42,13 +42,13 @@ async def run_command(
     interval: float,
     bind: str,
     mqtt_port: int | None,
-    timeout: float,
+    limit: float,
 ) -> int:
     async with standalone(manifests, state_dir) as sa:
         logger.info("key store: %s; state: %s", sa.keys.kind, state_dir)
         if once:
             try:
-                result = await sa.runner.run_until_settled(timeout)
+                result = await sa.runner.run_until_settled(limit)
             except ConnectorError as e:
                 logger.error("%s", e)
                 return 2
