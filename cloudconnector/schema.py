@@ -27,7 +27,7 @@ import jsonschema
 import yaml
 
 from cloudconnector import api
-from cloudconnector.errors import PermanentError, short
+from cloudconnector.errors import InvalidSpec, PermanentError, short
 
 CRDS_DIR_ENV = "CLOUDCONNECTOR_CRDS_DIR"
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
@@ -250,7 +250,7 @@ CEL_MIRRORS: Mapping[str, Callable[[Mapping[str, Any]], bool]] = {
 in crds/ has one and that both agree on the examples and counter-examples."""
 
 
-def _cel_rules(
+def cel_rules(
     schema: Mapping[str, Any], value: Any, path: str
 ) -> Iterator[tuple[str, Mapping[str, Any], Any]]:
     """(path, rule, value) for every CEL rule that applies to a node present in ``value``."""
@@ -259,10 +259,10 @@ def _cel_rules(
     if isinstance(value, Mapping):
         for key, sub in (schema.get("properties") or {}).items():
             if value.get(key) is not None:
-                yield from _cel_rules(sub, value[key], _join(path, key))
+                yield from cel_rules(sub, value[key], _join(path, key))
     elif isinstance(value, list) and isinstance(schema.get("items"), Mapping):
         for i, item in enumerate(value):
-            yield from _cel_rules(schema["items"], item, f"{path}[{i}]")
+            yield from cel_rules(schema["items"], item, f"{path}[{i}]")
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,7 +409,7 @@ def validate(obj: Mapping[str, Any]) -> list[SchemaError]:
             failed.add(path)
     # A CEL rule is judged only on a node whose own fields passed the schema, so that one typo does
     # not also produce a confusing cross-field complaint.
-    for path, rule, value in _cel_rules(_load_crds(directory)[kind], obj, ""):
+    for path, rule, value in cel_rules(_load_crds(directory)[kind], obj, ""):
         if any(not path or f == path or f.startswith((path + ".", path + "[")) for f in failed):
             continue
         check = CEL_MIRRORS.get(rule["rule"])
@@ -417,6 +417,16 @@ def validate(obj: Mapping[str, Any]) -> list[SchemaError]:
             field = path + rule.get("fieldPath", "") if rule.get("fieldPath") else path
             errors.append(SchemaError(field, rule.get("message") or f"failed rule {rule['rule']}"))
     return sorted(set(errors), key=lambda e: (e.path, e.message))
+
+
+def check(obj: Mapping[str, Any]) -> None:
+    """Raise :class:`InvalidSpec` naming the first bad field (the message lists them all), for
+    callers that treat a bad object as one permanent error rather than a list."""
+    errors = validate(obj)
+    if errors:
+        first = errors[0]
+        rest = "; ".join(str(e) for e in errors[1:])
+        raise InvalidSpec(first.path or "(document)", first.message + (f"; also {rest}" if rest else ""))
 
 
 def _validate_secret(obj: Mapping[str, Any]) -> list[SchemaError]:
