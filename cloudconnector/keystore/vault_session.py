@@ -75,6 +75,8 @@ class VaultSession:
             timeout=config.timeout,
             adapter=hvac.adapters.RawAdapter,
         )
+        # hvac silently picks up VAULT_TOKEN or ~/.vault-token; this session sends only its own token.
+        self._client.token = None
         self._lock = threading.Lock()
         self._token: _Token | None = None
         self._logins = 0
@@ -86,6 +88,11 @@ class VaultSession:
 
     def __repr__(self) -> str:
         return f"<VaultSession {self.config.address} auth={self.config.auth.value}>"
+
+    @property
+    def logins(self) -> int:
+        """How many times this session has logged in (or re-read its token)."""
+        return self._logins
 
     def close(self) -> None:
         self._client.adapter.close()

@@ -1,0 +1,78 @@
+"""Fixtures for the key store tests: a bootstrapped OpenBao with operator and proxy tokens."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import hvac
+import pytest
+
+from cloudconnector.clouds.certs import self_signed
+from cloudconnector.keystore.base import KeyMaterial
+from cloudconnector.keystore.vault import VaultKeyStore
+from cloudconnector.keystore.vault_config import VaultConfig
+from cloudconnector.keystore.vault_setup import OPERATOR_POLICY, PROXY_POLICY, bootstrap
+from cloudconnector.model import ObjectRef
+from tests.support.pki import CA
+from tests.support.procs import Bao, run_bao
+
+
+@dataclass
+class Roles:
+    url: str
+    root: hvac.Client
+    operator_token: str
+    proxy_token: str
+
+
+def make_token(root: hvac.Client, policy: str, ttl: str = "1h") -> str:
+    created = root.auth.token.create(policies=[policy], no_default_policy=True, ttl=ttl)
+    return str(created["auth"]["client_token"])
+
+
+@pytest.fixture(scope="session")
+def roles(bao: Bao) -> Roles:
+    root = hvac.Client(url=bao.url, token=bao.token)
+    bootstrap(root)
+    return Roles(bao.url, root, make_token(root, OPERATOR_POLICY), make_token(root, PROXY_POLICY))
+
+
+@pytest.fixture
+def operator(roles: Roles) -> Iterator[VaultKeyStore]:
+    store = VaultKeyStore(VaultConfig(address=roles.url, token=roles.operator_token))
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def proxy(roles: Roles) -> Iterator[VaultKeyStore]:
+    store = VaultKeyStore(VaultConfig(address=roles.url, token=roles.proxy_token))
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def device() -> ObjectRef:
+    return ObjectRef("keystore-tests", f"dev-{uuid.uuid4().hex[:10]}.sim")
+
+
+@pytest.fixture(scope="session")
+def material() -> KeyMaterial:
+    """A device's credentials with every optional part, made at run time."""
+    cert, key = self_signed("device-under-test")
+    return KeyMaterial(
+        certificate_pem=cert,
+        private_key_pem=key,
+        ca_pem=CA().cert_pem,
+        username="device-user",
+        password="pw-" + uuid.uuid4().hex,
+    )
+
+
+@pytest.fixture
+def spare_bao() -> Iterator[Bao]:
+    """A private OpenBao for tests that break the server (seal, stop) or need a blank one."""
+    with run_bao() as server:
+        yield server

@@ -1,0 +1,103 @@
+"""Vault unreachable, sealed or stopped; and no secret in any repr, error or log line."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+
+import hvac
+import pytest
+
+from cloudconnector.errors import ConnectorError, PermanentError, TransientError
+from cloudconnector.keystore.base import KeyMaterial
+from cloudconnector.keystore.vault import VaultKeyStore
+from cloudconnector.keystore.vault_config import VaultConfig
+from cloudconnector.keystore.vault_setup import OPERATOR_POLICY, bootstrap
+from cloudconnector.model import ObjectRef
+from tests.keystore.conftest import Roles, make_token
+from tests.support.procs import Bao, free_port, stop
+
+
+async def test_unreachable_vault_is_transient(device: ObjectRef, material: KeyMaterial) -> None:
+    store = VaultKeyStore(VaultConfig(address=f"http://127.0.0.1:{free_port()}", token="unused", timeout=2))
+    for call in (
+        store.put(device, material, {}),
+        store.describe(device),
+        store.delete(device),
+        store.get(device),
+    ):
+        with pytest.raises(TransientError) as err:
+            await call
+        assert err.value.reason == "VaultUnavailable"
+
+
+async def test_sealed_then_stopped_vault_is_transient(
+    spare_bao: Bao, device: ObjectRef, material: KeyMaterial
+) -> None:
+    root = hvac.Client(url=spare_bao.url, token=spare_bao.token)
+    bootstrap(root)
+    store = VaultKeyStore(VaultConfig(address=spare_bao.url, token=make_token(root, OPERATOR_POLICY)))
+    await store.put(device, material, {})
+
+    root.sys.seal()
+    with pytest.raises(TransientError) as err:
+        await store.put(device, material, {})
+    assert err.value.reason == "VaultSealed"
+    with pytest.raises(TransientError):
+        await store.describe(device)
+
+    stop(spare_bao.proc)
+    with pytest.raises(TransientError) as err:
+        await store.delete(device)
+    assert err.value.reason == "VaultUnavailable"
+
+
+async def test_no_secret_in_reprs_errors_or_logs(
+    roles: Roles,
+    operator: VaultKeyStore,
+    proxy: VaultKeyStore,
+    device: ObjectRef,
+    material: KeyMaterial,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)  # including urllib3's request lines
+    secrets = [
+        roles.operator_token,
+        roles.proxy_token,
+        roles.root.token,
+        material.private_key_pem.decode().splitlines()[1],
+        str(material.password),
+    ]
+    errors: list[ConnectorError] = []
+
+    await operator.put(device, material, {"thumbprint": "t"})
+    got = await proxy.get(device)
+    await operator.describe(device)
+    for failing in (operator.get(device), proxy.put(device, material, {}), proxy.delete(device)):
+        with pytest.raises(PermanentError) as err:
+            await failing
+        errors.append(err.value)
+    bad = VaultKeyStore(VaultConfig(address=roles.url, token=roles.operator_token + "x"))
+    with pytest.raises(PermanentError) as err:
+        await bad.put(device, material, {})
+    errors.append(err.value)
+    down = VaultKeyStore(VaultConfig(address=f"http://127.0.0.1:{free_port()}", token=roles.proxy_token))
+    with pytest.raises(TransientError) as terr:
+        await down.get(device)
+    errors.append(terr.value)
+
+    texts = [
+        caplog.text,
+        repr(operator),
+        repr(proxy),
+        repr(operator.session),
+        repr(operator.config),
+        repr(got),
+        repr(material),
+        *("".join(traceback.format_exception(e)) for e in errors),
+    ]
+    assert caplog.records  # the store did log; the point is what it logged
+    for text in texts:
+        for secret in secrets:
+            assert secret not in text
+        assert "PRIVATE KEY" not in text
