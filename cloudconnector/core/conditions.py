@@ -90,8 +90,20 @@ def _plain(value: Any) -> Any:
 
 
 def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    """A JSON merge patch turning ``old`` into ``new`` at the top level (None deletes a field)."""
-    patch: dict[str, Any] = {k: v for k, v in new.items() if old.get(k) != v}
+    """A JSON merge patch (RFC 7386) turning ``old`` into ``new``; None deletes a field.
+
+    Nested objects are diffed recursively, because a merge patch merges them: a key dropped from
+    ``status.progress`` must be sent as None or the server would keep it.
+    """
+    patch: dict[str, Any] = {}
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            sub = status_patch(before, value)
+            if sub:
+                patch[key] = sub
+        elif key not in old or before != value:
+            patch[key] = _plain(value)
     for key in old:
         if key not in new:
             patch[key] = None

@@ -138,16 +138,16 @@ class DeviceReconciler:
         failure = _Failure()
         with _outcome(st, gen, report, failure):
             if group is None:
-                raise _Wait("GroupNotFound", f"Group {device.group!r} does not exist")
+                raise WaitingError("GroupNotFound", f"Group {device.group!r} does not exist")
             if endpoint is None:
-                raise _Wait("EndpointNotFound", f"Endpoint {group.endpoint!r} does not exist")
+                raise WaitingError("EndpointNotFound", f"Endpoint {group.endpoint!r} does not exist")
             previous = st.get("endpoint")
             moving = bool(previous and previous != endpoint.ref.name)
             rotating = device.rotate_token is not None and _handled_token(st) != device.rotate_token
             # A finished identity keeps working while its Endpoint is not Ready (for instance after
             # its API keys were revoked on purpose): only new work waits for the Endpoint.
             if not endpoint_ready and (moving or rotating or not has_identity(st)):
-                raise _Wait("EndpointNotReady", f"Endpoint {endpoint.ref.name!r} is not Ready")
+                raise WaitingError("EndpointNotReady", f"Endpoint {endpoint.ref.name!r} is not Ready")
             if moving:
                 assert previous is not None
                 await self._move_away(device, previous, st, write, report)
@@ -217,7 +217,7 @@ class DeviceReconciler:
             raise PermanentError("manual provisioning is not available here", reason="ManualUnsupported")
         data = await self._secrets.read(device.ref.namespace, device.credentials_secret)
         if data is None:
-            raise _Wait("SecretNotFound", f"Secret {device.credentials_secret!r} does not exist")
+            raise WaitingError("SecretNotFound", f"Secret {device.credentials_secret!r} does not exist")
         try:
             cert_pem, key_pem = data["tls.crt"].decode(), data["tls.key"]
         except (KeyError, UnicodeDecodeError):
@@ -287,7 +287,7 @@ class DeviceReconciler:
     ) -> None:
         old = self._lookup(device.ref.namespace, name)
         if old is None:
-            raise _Wait("EndpointNotFound", f"Endpoint {name!r} holding the identity does not exist")
+            raise WaitingError("EndpointNotFound", f"Endpoint {name!r} holding the identity does not exist")
         provisioner = await self._provisioners.get(old)
         await provisioner.deprovision(device, st.setdefault("progress", {}), _checkpoint(st, write))
 
@@ -298,7 +298,7 @@ class DeviceReconciler:
         cond.set_condition(st, Condition(cond.READY, cond.TRUE, "Provisioned", message), device.generation)
 
 
-class _Wait(TransientError):
+class WaitingError(TransientError):
     """Something another object must change first (a Group, an Endpoint, a Secret)."""
 
     def __init__(self, reason: str, message: str) -> None:
@@ -329,7 +329,7 @@ def _outcome(
     message = short(error)
     if deleting:
         phase = DELETING
-    elif isinstance(error, _Wait):
+    elif isinstance(error, WaitingError):
         phase = PENDING
     elif isinstance(error, TransientError):
         phase = st.get("phase") if st.get("phase") == PROVISIONING else PENDING
@@ -345,7 +345,7 @@ def _outcome(
     st["phase"] = phase
     st["message"] = message
     if changed:  # one event per new problem, not one per retry
-        (report.info if isinstance(error, _Wait) else report.warn)(error.reason, message)
+        (report.info if isinstance(error, WaitingError) else report.warn)(error.reason, message)
 
 
 def _checkpoint(st: Status, write: _Writer) -> Callable[[Progress], Awaitable[None]]:

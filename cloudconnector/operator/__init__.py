@@ -1,1 +1,1 @@
-"""Cloud Connector."""
+"""The kopf operator: thin handlers over :mod:`cloudconnector.core`; entry point in ``main``."""

@@ -1,0 +1,372 @@
+"""The kopf handlers: thin adapters from kopf's causes to the reconcile core.
+
+Each handler reads the indexes, takes the object's lock, re-reads the object (kopf's body may be
+older than our own last status write), calls the core and maps its errors onto kopf's retry
+semantics. Waiting for another object (a missing Group, an Endpoint not Ready yet) is not an
+error: the Device stays Pending and is re-triggered when that object changes, with a slow timer
+as a safety net.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from cloudconnector import api
+from cloudconnector.core import device as dev
+from cloudconnector.core.conflicts import find_clashes
+from cloudconnector.core.endpoint import Usage, check_endpoint, set_revocable
+from cloudconnector.core.group import group_status
+from cloudconnector.errors import (
+    CredentialsError,
+    InvalidSpec,
+    PermanentError,
+    TransientError,
+)
+from cloudconnector.model import Endpoint, Group, parse_device, parse_endpoint, parse_group
+from cloudconnector.operator.config import OperatorConfig
+from cloudconnector.operator.indexes import all_of, groups_on, one
+from cloudconnector.operator.runtime import DEVICES, ENDPOINTS, GROUPS, Runtime
+
+logger = logging.getLogger(__name__)
+
+CONFIG = OperatorConfig.from_env()
+ENDPOINT_KIND = (api.GROUP, api.VERSION, api.ENDPOINTS)
+GROUP_KIND = (api.GROUP, api.VERSION, api.GROUPS)
+DEVICE_KIND = (api.GROUP, api.VERSION, api.DEVICES)
+WAITING_PHASES = (dev.PENDING, dev.CONFLICT)
+
+
+class KopfReporter:
+    """Core reports become Kubernetes events on the object (kopf also logs them)."""
+
+    def __init__(self, body: Mapping[str, Any]) -> None:
+        self._body = body
+
+    def info(self, reason: str, message: str) -> None:
+        kopf.info(self._body, reason=reason, message=message)
+
+    def warn(self, reason: str, message: str) -> None:
+        kopf.warn(self._body, reason=reason, message=message)
+
+
+def _runtime(memo: kopf.Memo) -> Runtime:
+    return memo["runtime"]  # type: ignore[no-any-return]
+
+
+def _endpoint_of(group: Group | None, endpoints: Mapping[Any, Any]) -> tuple[Endpoint | None, bool]:
+    if group is None:
+        return None, False
+    body = one(endpoints, (group.ref.namespace, group.endpoint))
+    if body is None:
+        return None, False
+    return parse_endpoint(body), (body.get("status") or {}).get("phase") == "Ready"
+
+
+def _lookup(endpoints: Mapping[Any, Any]) -> dev.EndpointLookup:
+    def lookup(namespace: str, name: str) -> Endpoint | None:
+        body = one(endpoints, (namespace, name))
+        return parse_endpoint(body) if body is not None else None
+
+    return lookup
+
+
+def _raise_for_kopf(e: Exception, *, delay: float | None = None) -> None:
+    if isinstance(e, CredentialsError):
+        raise kopf.TemporaryError(str(e), delay=CONFIG.credentials_retry) from e
+    if isinstance(e, TransientError):
+        raise kopf.TemporaryError(str(e), delay=delay if delay is not None else e.delay) from e
+    if isinstance(e, PermanentError):
+        raise kopf.PermanentError(str(e)) from e
+    raise e
+
+
+# -- Devices ---------------------------------------------------------------------------------
+
+
+async def _reconcile_device(
+    namespace: str,
+    name: str,
+    memo: kopf.Memo,
+    endpoints_idx: kopf.Index[Any, Any],
+    groups_idx: kopf.Index[Any, Any],
+    device_peers: kopf.Index[Any, Any],
+) -> None:
+    rt = _runtime(memo)
+    async with rt.lock("device", namespace, name):
+        body = await rt.fresh(DEVICES, namespace, name)
+        if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+            return
+        status = body.get("status") or {}
+        save = rt.saver(DEVICES, namespace, name, status)
+        report = KopfReporter(body)
+        group_name = (body.get("spec") or {}).get("group")
+        group_body = one(groups_idx, (namespace, group_name)) if group_name else None
+        try:
+            group = parse_group(group_body) if group_body is not None else None
+            endpoint, ready = _endpoint_of(group, endpoints_idx)
+            prefix = endpoint.aws.thing_prefix if endpoint is not None and endpoint.aws else ""
+            device = parse_device(body, thing_prefix=prefix)
+        except InvalidSpec as e:
+            await save({**status, "phase": dev.FAILED, "message": str(e)})
+            report.warn(e.reason, str(e))
+            raise kopf.PermanentError(str(e)) from e
+        peers = [*all_of(device_peers, (namespace, "iccid", device.iccid))]
+        if device.ip:
+            peers += all_of(device_peers, (namespace, "ip", device.ip))
+        reconciler = rt.device_reconciler(_lookup(endpoints_idx))
+        try:
+            await reconciler.reconcile(
+                device,
+                group,
+                endpoint,
+                status,
+                save,
+                endpoint_ready=ready,
+                clashes=find_clashes(device, peers),
+                report=report,
+            )
+        except dev.WaitingError:
+            return  # Pending: re-triggered when the awaited object changes
+        except Exception as e:
+            _raise_for_kopf(e)
+
+
+@kopf.on.resume(*DEVICE_KIND)
+@kopf.on.create(*DEVICE_KIND)
+@kopf.on.update(*DEVICE_KIND)
+async def device_changed(
+    namespace: str,
+    name: str,
+    memo: kopf.Memo,
+    endpoints_idx: kopf.Index[Any, Any],
+    groups_idx: kopf.Index[Any, Any],
+    device_peers: kopf.Index[Any, Any],
+    **_: Any,
+) -> None:
+    await _reconcile_device(namespace, name, memo, endpoints_idx, groups_idx, device_peers)
+
+
+@kopf.timer(
+    *DEVICE_KIND,
+    interval=CONFIG.conflict_recheck,
+    idle=CONFIG.conflict_recheck,
+    when=lambda status, **_: status.get("phase") in WAITING_PHASES,
+)
+async def device_waiting(
+    namespace: str,
+    name: str,
+    memo: kopf.Memo,
+    endpoints_idx: kopf.Index[Any, Any],
+    groups_idx: kopf.Index[Any, Any],
+    device_peers: kopf.Index[Any, Any],
+    **_: Any,
+) -> None:
+    """Safety net for Pending and Conflict devices: the clash may be gone, the Group may be back."""
+    # The status says why it failed; the change handlers own the retries.
+    with contextlib.suppress(kopf.TemporaryError, kopf.PermanentError):
+        await _reconcile_device(namespace, name, memo, endpoints_idx, groups_idx, device_peers)
+
+
+@kopf.on.delete(*DEVICE_KIND)
+async def device_deleted(
+    namespace: str,
+    name: str,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    retry: int,
+    endpoints_idx: kopf.Index[Any, Any],
+    **_: Any,
+) -> None:
+    rt = _runtime(memo)
+    async with rt.lock("device", namespace, name):
+        fresh = await rt.fresh(DEVICES, namespace, name) or dict(body)
+        status = fresh.get("status") or {}
+        lookup = _lookup(endpoints_idx)
+        holder = lookup(namespace, status["endpoint"]) if status.get("endpoint") else None
+        prefix = holder.aws.thing_prefix if holder is not None and holder.aws else ""
+        try:
+            device = parse_device(fresh, thing_prefix=prefix)
+        except InvalidSpec:
+            # Never provisioned (the spec never parsed): nothing at the cloud, nothing stored.
+            logger.info("device %s/%s had an invalid spec; nothing to clean", namespace, name)
+            return
+        save = rt.saver(DEVICES, namespace, name, status)
+        try:
+            await rt.device_reconciler(lookup).finalize(device, status, save, report=KopfReporter(fresh))
+        except Exception as e:
+            # Cleaning up retries with exponential backoff until the cloud side is clean.
+            delay = min(300.0, 2.0 * 2 ** min(retry, 8))
+            _raise_for_kopf(e, delay=delay)
+
+
+# -- Groups ----------------------------------------------------------------------------------
+
+
+async def _refresh_group(
+    namespace: str,
+    name: str,
+    memo: kopf.Memo,
+    endpoints_idx: kopf.Index[Any, Any],
+    devices_by_group: kopf.Index[Any, Any],
+    *,
+    retrigger: bool,
+) -> None:
+    rt = _runtime(memo)
+    async with rt.lock("group", namespace, name):
+        body = await rt.fresh(GROUPS, namespace, name)
+        if body is None:
+            return
+        group = parse_group(body)
+        status = body.get("status") or {}
+        members = list(all_of(devices_by_group, (namespace, name)))
+        exists = one(endpoints_idx, (namespace, group.endpoint)) is not None
+        new = group_status(group, status, ({"phase": phase} for _, phase in members), endpoint_exists=exists)
+        await rt.saver(GROUPS, namespace, name, status)(new)
+        moved = bool(status.get("endpoint")) and status.get("endpoint") != group.endpoint
+    if moved:
+        kopf.info(body, reason="EndpointChanged", message=f"devices move to Endpoint {group.endpoint}")
+    if retrigger or moved:
+        for device_name, phase in members:
+            if moved or phase != dev.READY:
+                await rt.retrigger(DEVICES, namespace, device_name, "group")
+
+
+@kopf.on.resume(*GROUP_KIND)
+@kopf.on.create(*GROUP_KIND)
+@kopf.on.update(*GROUP_KIND)
+async def group_changed(
+    namespace: str,
+    name: str,
+    memo: kopf.Memo,
+    endpoints_idx: kopf.Index[Any, Any],
+    devices_by_group: kopf.Index[Any, Any],
+    **_: Any,
+) -> None:
+    try:
+        await _refresh_group(namespace, name, memo, endpoints_idx, devices_by_group, retrigger=True)
+    except InvalidSpec as e:
+        raise kopf.PermanentError(str(e)) from e
+
+
+@kopf.timer(*GROUP_KIND, interval=CONFIG.status_interval)
+async def group_counts(
+    namespace: str,
+    name: str,
+    memo: kopf.Memo,
+    endpoints_idx: kopf.Index[Any, Any],
+    devices_by_group: kopf.Index[Any, Any],
+    **_: Any,
+) -> None:
+    with contextlib.suppress(InvalidSpec):  # reported by group_changed
+        await _refresh_group(namespace, name, memo, endpoints_idx, devices_by_group, retrigger=False)
+
+
+# -- Endpoints -------------------------------------------------------------------------------
+
+
+def _usage(
+    namespace: str, name: str, groups_idx: kopf.Index[Any, Any], devices_by_group: kopf.Index[Any, Any]
+) -> tuple[Usage, list[str]]:
+    total = provisioned = 0
+    waiting: list[str] = []
+    for group in groups_on(groups_idx, namespace, name):
+        for device_name, phase in all_of(devices_by_group, (namespace, group)):
+            total += 1
+            if phase == dev.READY:
+                provisioned += 1
+            else:
+                waiting.append(device_name)
+    return Usage(total, provisioned), waiting
+
+
+async def _check_endpoint(
+    namespace: str,
+    name: str,
+    memo: kopf.Memo,
+    groups_idx: kopf.Index[Any, Any],
+    devices_by_group: kopf.Index[Any, Any],
+) -> None:
+    rt = _runtime(memo)
+    async with rt.lock("endpoint", namespace, name):
+        body = await rt.fresh(ENDPOINTS, namespace, name)
+        if body is None:
+            return
+        status = body.get("status") or {}
+        save = rt.saver(ENDPOINTS, namespace, name, status)
+        try:
+            endpoint = parse_endpoint(body)
+        except InvalidSpec as e:
+            await save({**status, "phase": "Error"})
+            kopf.warn(body, reason=e.reason, message=str(e))
+            raise kopf.PermanentError(str(e)) from e
+        usage, waiting = _usage(namespace, name, groups_idx, devices_by_group)
+        new = await check_endpoint(endpoint, rt.pool, status, usage, report=KopfReporter(body))
+        await save(new)
+    if new.get("phase") == "Ready" and status.get("phase") != "Ready":
+        for device_name in waiting:  # devices that waited for this Endpoint (or its keys)
+            await rt.retrigger(DEVICES, namespace, device_name, "endpoint")
+
+
+@kopf.on.resume(*ENDPOINT_KIND)
+@kopf.on.create(*ENDPOINT_KIND)
+@kopf.on.update(*ENDPOINT_KIND)
+async def endpoint_changed(
+    namespace: str,
+    name: str,
+    memo: kopf.Memo,
+    groups_idx: kopf.Index[Any, Any],
+    devices_by_group: kopf.Index[Any, Any],
+    **_: Any,
+) -> None:
+    await _check_endpoint(namespace, name, memo, groups_idx, devices_by_group)
+
+
+@kopf.timer(*ENDPOINT_KIND, interval=CONFIG.endpoint_recheck, initial_delay=CONFIG.endpoint_recheck)
+async def endpoint_recheck(
+    namespace: str,
+    name: str,
+    memo: kopf.Memo,
+    groups_idx: kopf.Index[Any, Any],
+    devices_by_group: kopf.Index[Any, Any],
+    **_: Any,
+) -> None:
+    """Keys get revoked or rotated without the Endpoint changing: look again from time to time."""
+    with contextlib.suppress(kopf.PermanentError):
+        await _check_endpoint(namespace, name, memo, groups_idx, devices_by_group)
+
+
+@kopf.timer(*ENDPOINT_KIND, interval=CONFIG.status_interval)
+async def endpoint_usage(
+    namespace: str,
+    name: str,
+    memo: kopf.Memo,
+    groups_idx: kopf.Index[Any, Any],
+    devices_by_group: kopf.Index[Any, Any],
+    **_: Any,
+) -> None:
+    """Keep the CredentialsRevocable condition current without calling the cloud."""
+    rt = _runtime(memo)
+    async with rt.lock("endpoint", namespace, name):
+        body = await rt.fresh(ENDPOINTS, namespace, name)
+        if body is None:
+            return
+        try:
+            endpoint = parse_endpoint(body)
+        except InvalidSpec:
+            return
+        status = body.get("status") or {}
+        new = dict(status)
+        usage, _waiting = _usage(namespace, name, groups_idx, devices_by_group)
+        set_revocable(new, endpoint, usage)
+        await rt.saver(ENDPOINTS, namespace, name, status)(new)
+
+
+@kopf.on.delete(*ENDPOINT_KIND, optional=True)
+async def endpoint_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    with contextlib.suppress(InvalidSpec):
+        await _runtime(memo).pool.forget(parse_endpoint(body))

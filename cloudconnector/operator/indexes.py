@@ -1,0 +1,82 @@
+"""kopf indexes: in-memory views of Endpoints, Groups and Devices that every handler can consult
+without an API call (and that are complete before the first handler runs)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import kopf
+
+from cloudconnector import api
+from cloudconnector.core.conditions import working_copy
+from cloudconnector.core.conflicts import Peer
+
+Body = dict[str, Any]
+
+
+@kopf.index(api.GROUP, api.VERSION, api.ENDPOINTS)
+def endpoints_idx(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], Body]:
+    return {(namespace, name): working_copy(body)}
+
+
+@kopf.index(api.GROUP, api.VERSION, api.GROUPS)
+def groups_idx(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], Body]:
+    return {(namespace, name): working_copy(body)}
+
+
+@kopf.index(api.GROUP, api.VERSION, api.DEVICES)
+def devices_by_group(
+    namespace: str, name: str, spec: kopf.Spec, status: kopf.Status, **_: Any
+) -> dict[tuple[str, str], tuple[str, str | None]]:
+    group = spec.get("group")
+    return {(namespace, group): (name, status.get("phase"))} if group else {}
+
+
+@kopf.index(api.GROUP, api.VERSION, api.DEVICES)
+def device_peers(
+    namespace: str, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any
+) -> dict[tuple[str, str, str], Peer]:
+    if meta.get("deletionTimestamp"):
+        return {}  # a device on its way out no longer blocks its IP or SIM
+    sim = spec.get("sim") or {}
+    peer = Peer(name=name, ip=_normal_ip(spec.get("ip")), iccid=str(sim.get("iccid") or ""))
+    keys: dict[tuple[str, str, str], Peer] = {}
+    if peer.ip:
+        keys[(namespace, "ip", peer.ip)] = peer
+    if peer.iccid:
+        keys[(namespace, "iccid", peer.iccid)] = peer
+    return keys
+
+
+def _normal_ip(text: Any) -> str | None:
+    # Compared with Device.ip, which the model normalises (e.g. IPv6 zero compression).
+    if not isinstance(text, str):
+        return None
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return text
+
+
+def one(index: Mapping[Any, Any], key: Any) -> Any:
+    """The single value stored under ``key`` (objects are unique per namespace/name), or None."""
+    store = index.get(key)
+    return next(iter(store), None) if store else None
+
+
+def all_of(index: Mapping[Any, Any], key: Any) -> Iterator[Any]:
+    yield from index.get(key) or ()
+
+
+def groups_on(groups: Mapping[Any, Any], namespace: str, endpoint: str) -> list[str]:
+    names = []
+    for (ns, name), store in groups.items():
+        for body in store:
+            if (
+                ns == namespace
+                and ((body.get("spec") or {}).get("endpointRef") or {}).get("name") == endpoint
+            ):
+                names.append(name)
+    return names

@@ -1,0 +1,116 @@
+"""Entry point: ``cloud-connector-operator`` / ``python -m cloudconnector.operator.main``.
+
+Wires kopf to the cluster (``kopf.on.login``), to Vault (``VaultKeyStore`` from its environment
+variables) and to the clouds (``clouds.factory.make_provisioner``), then runs the handlers of
+:mod:`cloudconnector.operator.handlers`. kopf keeps its own bookkeeping in annotations under
+``cloudconnector.io`` so that ``status`` holds only the fields the CRDs document.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Any
+
+import kopf
+
+from cloudconnector import api
+from cloudconnector.kube import KubeClient, KubeConfig
+from cloudconnector.operator import handlers, indexes
+from cloudconnector.operator.config import OperatorConfig
+from cloudconnector.operator.runtime import Runtime, SecretAccess, build_pool
+
+logger = logging.getLogger("cloudconnector.operator")
+
+__all__ = ["handlers", "indexes", "main"]
+
+
+@kopf.on.login()
+def login(**_: Any) -> kopf.ConnectionInfo:
+    cfg = KubeConfig.from_env()
+    return kopf.ConnectionInfo(
+        server=cfg.server,
+        token=cfg.bearer(),
+        ca_path=str(cfg.ca_path) if cfg.ca_path else None,
+        ca_data=cfg.ca_data,
+        certificate_data=cfg.cert_data,
+        private_key_data=cfg.key_data,
+        insecure=cfg.insecure or None,
+        scheme="Bearer" if cfg.bearer() else None,
+        default_namespace=cfg.default_namespace,
+    )
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    config = handlers.CONFIG
+    configure(settings, config)
+    from cloudconnector.clouds.factory import make_provisioner
+    from cloudconnector.keystore.vault import VaultKeyStore
+
+    kube = KubeClient(KubeConfig.from_env())
+    secrets = SecretAccess(kube)
+    keys = VaultKeyStore.from_env()
+    memo["runtime"] = Runtime(
+        config=config,
+        kube=kube,
+        keys=keys,
+        pool=build_pool(config, make_provisioner, secrets),
+        secrets=secrets,
+    )
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    runtime: Runtime | None = memo.get("runtime")
+    if runtime is None:
+        return
+    await runtime.pool.aclose()
+    await runtime.kube.aclose()
+    close = getattr(runtime.keys, "close", None)
+    if callable(close):
+        close()
+
+
+def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
+    settings.persistence.finalizer = api.FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=f"kopf.{api.GROUP}")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=api.GROUP, key="last-handled-configuration"
+    )
+    settings.persistence.consistency_timeout = config.consistency_timeout
+    settings.posting.level = logging.INFO
+    settings.posting.reporting_component = "cloud-connector"
+    settings.scanning.disabled = not config.namespace_scanning
+    settings.peering.standalone = config.peering is None
+    if config.peering is not None:
+        settings.peering.name = config.peering
+        settings.peering.mandatory = True
+        settings.peering.clusterwide = not config.namespaces
+
+
+def main(argv: list[str] | None = None) -> int:
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = handlers.CONFIG
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(
+        kopf.operator(
+            clusterwide=not config.namespaces,
+            namespaces=list(config.namespaces),
+            standalone=config.peering is None,
+            peering_name=config.peering,
+            liveness_endpoint=config.liveness,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
