@@ -1,0 +1,237 @@
+"""One boto3 IoT client per Endpoint, called from asyncio, with AWS errors turned into ours.
+
+boto3 is synchronous, so every call runs in a worker thread. Botocore's own retries are switched
+off: throttling is retried here with full-jitter backoff so that the waiting happens on the event
+loop (never in a thread) and so that running out of retries becomes a :class:`TransientError`
+("try this device again later"), never a failed device. Error texts name the operation and the
+AWS error code only; request payloads and AWS messages (which may quote request data) stay out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import boto3  # type: ignore[import-untyped]
+from botocore.config import Config  # type: ignore[import-untyped]
+from botocore.exceptions import (  # type: ignore[import-untyped]
+    BotoCoreError,
+    ClientError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
+
+from cloudconnector.errors import CredentialsError, PermanentError, TransientError, short
+from cloudconnector.ratelimit import with_backoff
+
+# AWS's answers to keys that are unknown, wrong, expired, revoked or lack a permission.
+CREDENTIAL_CODES = frozenset(
+    {
+        "UnrecognizedClientException",
+        "InvalidClientTokenId",
+        "InvalidSignatureException",
+        "SignatureDoesNotMatch",
+        "IncompleteSignature",
+        "MissingAuthenticationToken",
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "AccessDenied",
+        "AccessDeniedException",
+        "UnauthorizedException",
+        "AuthFailure",
+    }
+)
+# The request was not carried out; the same request may succeed later.
+THROTTLE_CODES = frozenset(
+    {
+        "ThrottlingException",
+        "Throttling",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "LimitExceededException",
+        "ServiceUnavailableException",
+        "ServiceUnavailable",
+        "InternalFailureException",
+        "InternalServerException",
+    }
+)
+# Eventual consistency after a detach: AWS may still see an attachment for a few seconds.
+SETTLING_CODES = frozenset({"DeleteConflictException", "CertificateStateException"})
+
+CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+class AwsNotFound(PermanentError):
+    """The named resource does not exist (any more); deleters treat it as success."""
+
+    reason = "NotFound"
+
+
+class AwsAlreadyExists(PermanentError):
+    """A create call met an existing resource; AWS tells which one."""
+
+    reason = "AlreadyExists"
+
+    def __init__(self, message: str, resource_id: str | None, resource_arn: str | None) -> None:
+        super().__init__(message)
+        self.resource_id = resource_id
+        self.resource_arn = resource_arn
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard to retry throttled calls before giving the device back to the caller's queue."""
+
+    attempts: int = 8
+    base: float = 0.2
+    cap: float = 10.0
+    give_up_delay: float = 10.0  # the TransientError's suggested delay once attempts run out
+
+
+def error_code(e: ClientError) -> str:
+    return str(e.response.get("Error", {}).get("Code", ""))
+
+
+def http_status(e: ClientError) -> int:
+    return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+
+
+def is_throttled(e: BaseException) -> bool:
+    if not isinstance(e, ClientError):
+        return False
+    return error_code(e) in THROTTLE_CODES or http_status(e) in (429, 500, 502, 503, 504)
+
+
+def is_rejected_credentials(e: ClientError) -> bool:
+    # Some AWS front ends (and moto's IAM emulation) answer 401/403 in a format the JSON
+    # parser cannot read, leaving only the status: for IoT's control plane both mean "auth".
+    return error_code(e) in CREDENTIAL_CODES or http_status(e) in (401, 403)
+
+
+def translate(operation: str, e: Exception) -> Exception:
+    """Map a botocore failure to one of our error classes (the caller raises it ``from e``)."""
+    if isinstance(e, NoCredentialsError | PartialCredentialsError):
+        return CredentialsError("no usable AWS credentials were configured for the Endpoint")
+    if isinstance(e, BotoCoreError):
+        # Connection refused, DNS, timeouts: the network or the service is not there right now.
+        return TransientError(
+            f"AWS IoT {operation} did not complete: {type(e).__name__}", reason="Unreachable"
+        )
+    if not isinstance(e, ClientError):
+        return e
+    code = error_code(e) or str(http_status(e))
+    if is_rejected_credentials(e):
+        return CredentialsError(
+            f"AWS rejected the Endpoint's API credentials on {operation} ({code}): the keys are "
+            "wrong, expired or revoked, or lack the IoT permission for this call"
+        )
+    if is_throttled(e):
+        return TransientError(
+            f"AWS IoT {operation} is throttled ({code}); retrying later", reason="Throttled"
+        )
+    if code in SETTLING_CODES:
+        return TransientError(
+            f"AWS IoT {operation} is not possible yet ({code})", reason="Settling", delay=2.0
+        )
+    if code == "ResourceNotFoundException":
+        return AwsNotFound(f"AWS IoT {operation}: resource not found")
+    if code == "ResourceAlreadyExistsException":
+        err = e.response.get("Error", {})
+        body: Mapping[str, Any] = e.response
+        return AwsAlreadyExists(
+            f"AWS IoT {operation}: resource already exists",
+            resource_id=body.get("resourceId") or err.get("resourceId"),
+            resource_arn=body.get("resourceArn") or err.get("resourceArn"),
+        )
+    return PermanentError(f"AWS IoT {operation} failed ({short(code, 80)})", reason="CloudRejected")
+
+
+def credentials_from_secret(data: Mapping[str, str]) -> dict[str, str]:
+    """boto3 keyword arguments from the Secret's data; empty data means boto3's default chain."""
+    if not data:
+        return {}
+    missing = [k for k in CREDENTIAL_KEYS[:2] if not data.get(k)]
+    if missing:
+        raise CredentialsError(f"the credentials Secret lacks {', '.join(missing)}")
+    kwargs = {
+        "aws_access_key_id": data["AWS_ACCESS_KEY_ID"].strip(),
+        "aws_secret_access_key": data["AWS_SECRET_ACCESS_KEY"].strip(),
+    }
+    if data.get("AWS_SESSION_TOKEN"):
+        kwargs["aws_session_token"] = data["AWS_SESSION_TOKEN"].strip()
+    return kwargs
+
+
+class IotApi:
+    """The AWS IoT control plane for one Endpoint: ``await api.call("create_thing", thingName=...)``."""
+
+    def __init__(
+        self,
+        region: str,
+        credentials: Mapping[str, str],
+        *,
+        endpoint_url: str | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.retry = retry or RetryPolicy()
+        session = boto3.session.Session(region_name=region, **credentials_from_secret(credentials))
+        config = Config(
+            retries={"total_max_attempts": 1, "mode": "standard"},  # our backoff, not botocore's
+            connect_timeout=timeout,
+            read_timeout=timeout,
+            max_pool_connections=32,
+        )
+        self._client = session.client("iot", endpoint_url=endpoint_url, config=config)
+
+    async def call(
+        self,
+        operation: str,
+        *,
+        tolerate: Collection[type[Exception]] = (),
+        retry_network: bool = True,
+        **params: Any,
+    ) -> dict[str, Any]:
+        """Run one API call; errors of a ``tolerate``d class become an empty answer.
+
+        ``retry_network=False`` is for calls that create something each time they run: after a
+        lost answer, a second attempt would create a second resource, so the caller's resume
+        logic deals with it instead.
+        """
+        method = getattr(self._client, operation)
+
+        async def attempt() -> dict[str, Any]:
+            result: dict[str, Any] = await asyncio.to_thread(method, **params)
+            return result
+
+        def retry_on(e: BaseException) -> bool:
+            return is_throttled(e) or (retry_network and isinstance(e, BotoCoreError) and _is_network(e))
+
+        try:
+            return await with_backoff(
+                attempt,
+                retry_on=retry_on,
+                attempts=self.retry.attempts,
+                base=self.retry.base,
+                cap=self.retry.cap,
+            )
+        except (ClientError, BotoCoreError) as e:
+            err = translate(_camel(operation), e)
+            if isinstance(err, TransientError) and err.reason in ("Throttled", "Unreachable"):
+                err.delay = self.retry.give_up_delay
+            if any(isinstance(err, t) for t in tolerate):
+                return {}
+            raise err from e
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _is_network(e: BotoCoreError) -> bool:
+    return not isinstance(e, NoCredentialsError | PartialCredentialsError)
+
+
+def _camel(operation: str) -> str:
+    return "".join(part.capitalize() for part in operation.split("_"))
