@@ -403,7 +403,12 @@ def validate(obj: Mapping[str, Any]) -> list[SchemaError]:
     directory = crds_dir().resolve()
     errors = list(_check_metadata(obj))
     failed: set[str] = set()
-    for error in _validator(directory, kind).iter_errors(obj):
+    found = list(_validator(directory, kind).iter_errors(obj))
+    # A pattern's plain words already say how long the value may be: one message per field is enough.
+    by_pattern = {_path(list(e.absolute_path)) for e in found if e.validator == "pattern"}
+    for error in found:
+        if error.validator in ("minLength", "maxLength") and _path(list(error.absolute_path)) in by_pattern:
+            continue
         for path, message in _messages(error):
             errors.append(SchemaError(path, message))
             failed.add(path)
