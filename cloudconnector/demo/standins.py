@@ -5,6 +5,8 @@ TLS (data plane), started as child processes on loopback ports and always stoppe
 from __future__ import annotations
 
 import contextlib
+import os
+import pwd
 import shutil
 import signal
 import socket
@@ -105,6 +107,8 @@ def broker_config(
     # may only write, and only under their mount point, which mosquitto adds itself.
     acl.write_text("user observer\ntopic read #\n\npattern write #\n")
     lines = [
+        # Started as root, mosquitto would switch to its own user and lose access to these files.
+        f"user {pwd.getpwuid(os.getuid()).pw_name}",
         "per_listener_settings true",
         "persistence false",
         f"log_dest file {workdir / 'broker.log'}",
@@ -142,12 +146,13 @@ def broker_config(
 
 
 @contextlib.contextmanager
-def run_broker(workdir: Path, anchors: Mapping[str, str]) -> Iterator[Broker]:
-    """mosquitto with mutual TLS; ``anchors`` maps each device's cloud id to its trust anchor."""
+def run_broker(workdir: Path, anchors: Mapping[str, str], ca: DemoCA) -> Iterator[Broker]:
+    """mosquitto with mutual TLS; ``anchors`` maps each device's cloud id to its trust anchor and
+    ``ca`` issues the broker's server certificate (the Endpoint's ``caCertificate``)."""
     exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not Path(exe).exists():
         raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
-    ca = DemoCA()
+    workdir.mkdir(parents=True, exist_ok=True)
     server = ca.issue("localhost", server=True)
     observer = ca.issue("observer", server=False)
     admin_port = free_port()

@@ -1,8 +1,8 @@
 """Which key store the standalone mode uses: Vault when the environment names one, else embedded.
 
-The embedded store lives next to the state database. Its master key comes from
-``CLOUDCONNECTOR_MASTER_KEY`` when set (so it can live in a secret manager) or from a file made
-once with owner-only permissions; without it the stored keys cannot be decrypted.
+The embedded store (an encrypted SQLite file next to the state database) takes its master key from
+``CLOUDCONNECTOR_MASTER_KEY`` when set, else from ``master.key`` in the state directory, created
+once with owner-only permissions; without that key the stored credentials cannot be decrypted.
 """
 
 from __future__ import annotations
@@ -15,29 +15,13 @@ from typing import Any
 
 from cloudconnector.keystore.base import KeyReader, KeyWriter
 
-MASTER_KEY_ENV = "CLOUDCONNECTOR_MASTER_KEY"
-
 
 @dataclass(frozen=True)
 class KeyStores:
-    writer: KeyWriter
-    reader: KeyReader
+    writer: KeyWriter  # for the reconcilers: put, describe, delete
+    reader: KeyReader  # for the in-process proxy only
     kind: str  # "vault" or "embedded", for the startup log line
     closer: Any = None
-
-
-def master_key(state_dir: Path, env: Mapping[str, str]) -> bytes:
-    """The embedded store's master key: from the environment, else a file created once (0600)."""
-    text = env.get(MASTER_KEY_ENV)
-    if text:
-        return text.encode()
-    path = state_dir / "master.key"
-    if not path.exists():
-        state_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(os.urandom(32).hex().encode())
-    return path.read_bytes().strip()
 
 
 def open_key_stores(state_dir: Path, env: Mapping[str, str] | None = None) -> KeyStores:
@@ -49,5 +33,6 @@ def open_key_stores(state_dir: Path, env: Mapping[str, str] | None = None) -> Ke
         return KeyStores(vault, vault, "vault", vault)
     from cloudconnector.keystore.embedded import EmbeddedKeyStore
 
-    store = EmbeddedKeyStore(state_dir / "keys.db", master_key(state_dir, env))
-    return KeyStores(store, store.reader(), "embedded", store)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    store = EmbeddedKeyStore.open(state_dir / "keys.db", state_dir / "master.key", env)
+    return KeyStores(store, store.reader(), "embedded")

@@ -142,7 +142,7 @@ class Runner:
         await self._devices_pass(removed, result)
         self._groups(removed)
         self._forget_endpoints(removed)
-        self._publish_routes()
+        self.publish_routes()
         return result
 
     async def _endpoints(self, removed: Callable[[StoredObject], bool]) -> None:
@@ -299,7 +299,7 @@ class Runner:
                 found.append(route)
         return found
 
-    def _publish_routes(self) -> None:
+    def publish_routes(self) -> None:
         if self._on_routes is not None:
             self._on_routes(self.routes())
 

@@ -11,7 +11,9 @@ from pathlib import Path
 
 from cloudconnector.errors import ConnectorError
 from cloudconnector.keystore.base import KeyReader
+from cloudconnector.proxy.config import ProxyConfig
 from cloudconnector.proxy.directory import StaticDirectory
+from cloudconnector.proxy.server import Proxy
 from cloudconnector.standalone.app import report, standalone
 
 logger = logging.getLogger(__name__)
@@ -19,19 +21,17 @@ logger = logging.getLogger(__name__)
 
 @contextlib.asynccontextmanager
 async def proxy_server(
-    directory: StaticDirectory, keys: KeyReader, *, bind: str, mqtt_port: int | None
-) -> AsyncIterator[list[int]]:
-    """The proxy on ``bind``:``mqtt_port`` (plain MQTT) reading routes from ``directory``; yields
-    the bound ports."""
-    from cloudconnector.proxy.server import Proxy, ProxyConfig
-
+    directory: StaticDirectory, keys: KeyReader, *, bind: str, mqtt_port: int
+) -> AsyncIterator[Proxy]:
+    """The proxy's plain MQTT listener on ``bind``:``mqtt_port`` (0: any free port), routing by
+    ``directory``; ``proxy.ports["mqtt"]`` is the bound port."""
     config = ProxyConfig(bind=bind, mqtt_port=mqtt_port, tls_port=None, http_port=None, log_json=False)
     proxy = Proxy(config, directory, keys)
     await proxy.start()
     try:
-        yield proxy.ports()
+        yield proxy
     finally:
-        await proxy.stop()
+        await proxy.stop(0)
 
 
 async def run_command(
@@ -63,10 +63,10 @@ async def run_command(
                 loop.add_signal_handler(sig, stop.set)
         async with contextlib.AsyncExitStack() as stack:
             if mqtt_port is not None:
-                ports = await stack.enter_async_context(
+                proxy = await stack.enter_async_context(
                     proxy_server(sa.directory, sa.keys.reader, bind=bind, mqtt_port=mqtt_port)
                 )
-                logger.info("proxy listening on %s port(s) %s", bind, ports)
+                logger.info("proxy: plain MQTT on %s:%s", bind, proxy.ports["mqtt"])
             watcher = asyncio.create_task(sa.runner.watch(interval))
             await stop.wait()
             watcher.cancel()
