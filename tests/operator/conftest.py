@@ -1,0 +1,336 @@
+"""Fixtures for the operator tests: kmock as the API server (real HTTP), the operator as a real
+subprocess (``python -m cloudconnector.operator.main``), moto for AWS and OpenBao for the keys.
+
+kmock 0.8 needs a few things for kopf: the bundled built-in resources (events, namespaces), our
+three CRDs registered as namespaced resources with a status subresource, and objects created with
+a resourceVersion (kmock stores bodies as given and never invents one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3
+import hvac
+import kmock as kmocklib
+import pytest
+import yaml
+from botocore.config import Config
+
+from cloudconnector import api
+from cloudconnector.keystore.vault_setup import OPERATOR_POLICY, PROXY_POLICY, bootstrap
+from cloudconnector.kube import SECRETS, KubeClient, KubeConfig, Resource
+from tests.support.procs import Bao, Moto
+
+ROOT = Path(__file__).resolve().parents[2]
+ENDPOINTS = Resource(api.GROUP, api.VERSION, api.ENDPOINTS)
+GROUPS = Resource(api.GROUP, api.VERSION, api.GROUPS)
+DEVICES = Resource(api.GROUP, api.VERSION, api.DEVICES)
+REGION = "eu-west-1"
+FAKE_KEYS = {"AWS_ACCESS_KEY_ID": "AKIDTESTTESTTEST", "AWS_SECRET_ACCESS_KEY": "not-a-real-secret"}
+DEADLINE = 60.0
+
+
+def register_crds(kmock: kmocklib.KubernetesEmulator) -> None:
+    kmock.resources.load_bundled()
+    for path in sorted((ROOT / "crds").glob("*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        names = crd["spec"]["names"]
+        for version in crd["spec"]["versions"]:
+            kmock.resources[f"{crd['spec']['group']}/{version['name']}/{names['plural']}"] = (
+                kmocklib.ResourceInfo(
+                    kind=names["kind"],
+                    singular=names["singular"],
+                    namespaced=crd["spec"]["scope"] == "Namespaced",
+                    verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
+                    shortnames=set(names.get("shortNames", [])),
+                    categories=set(names.get("categories", [])),
+                    subresources=set((version.get("subresources") or {}).keys()),
+                )
+            )
+
+
+@dataclass
+class Cluster:
+    """The test's side of the API server: creates objects and reads them back over HTTP."""
+
+    kmock: kmocklib.KubernetesEmulator
+    client: KubeClient
+    namespace: str
+    url: str
+
+    async def create(self, res: Resource, name: str, spec: dict[str, Any], **meta: Any) -> dict[str, Any]:
+        body = {
+            "apiVersion": f"{api.GROUP}/{api.VERSION}",
+            "kind": {ENDPOINTS: "Endpoint", GROUPS: "Group", DEVICES: "Device"}[res],
+            "metadata": {
+                "name": name,
+                "namespace": self.namespace,
+                "uid": str(uuid.uuid4()),
+                "resourceVersion": "1",
+                "generation": 1,
+                "creationTimestamp": "2026-01-01T00:00:00Z",
+                **meta,
+            },
+            "spec": spec,
+        }
+        return await self.client.create(res, self.namespace, body)
+
+    async def secret(self, name: str, data: dict[str, bytes | str]) -> None:
+        encoded = {
+            k: base64.b64encode(v if isinstance(v, bytes) else v.encode()).decode() for k, v in data.items()
+        }
+        body = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name, "namespace": self.namespace, "resourceVersion": "1"},
+            "data": encoded,
+        }
+        await self.client.create(SECRETS, self.namespace, body)
+
+    async def get(self, res: Resource, name: str) -> dict[str, Any] | None:
+        return await self.client.get(res, self.namespace, name)
+
+    async def patch(self, res: Resource, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        """A user's edit: bumps the generation when the spec changes, as the API server would."""
+        if "spec" in patch:
+            current = await self.get(res, name) or {}
+            generation = int((current.get("metadata") or {}).get("generation") or 1) + 1
+            patch = {**patch, "metadata": {**patch.get("metadata", {}), "generation": generation}}
+        return await self.client.patch(res, self.namespace, name, patch)
+
+    async def delete(self, res: Resource, name: str) -> None:
+        await self.client.request("DELETE", res.path(self.namespace, name))
+
+    async def wait_for(
+        self, res: Resource, name: str, check: Callable[[dict[str, Any] | None], bool], what: str = ""
+    ) -> dict[str, Any] | None:
+        """Poll until ``check(object)`` holds; fail with the last seen object after a deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEADLINE
+        obj = None
+        while loop.time() < deadline:
+            obj = await self.get(res, name)
+            if check(obj):
+                return obj
+            await asyncio.sleep(0.2)
+        status = (obj or {}).get("status")
+        raise AssertionError(f"{res.plural}/{name}: {what or 'condition'} not reached; status={status}")
+
+    async def wait_phase(self, res: Resource, name: str, phase: str) -> dict[str, Any]:
+        obj = await self.wait_for(
+            res, name, lambda o: (o or {}).get("status", {}).get("phase") == phase, phase
+        )
+        assert obj is not None
+        return obj
+
+    async def wait_gone(self, res: Resource, name: str) -> None:
+        await self.wait_for(res, name, lambda o: o is None, "deletion")
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """Events posted about ``name``. kmock 0.8 keys stored objects by name, and events come
+        with ``generateName`` only, so all but the first are refused with 409: read the requests."""
+        found = []
+        for request in self.kmock:
+            resource = request.resource
+            if request.method.value != "POST" or resource is None or resource.plural != "events":
+                continue
+            if isinstance(request.data, dict) and request.data.get("involvedObject", {}).get("name") == name:
+                found.append(request.data)
+        return found
+
+
+@pytest.fixture
+async def cluster(kmock: kmocklib.KubernetesEmulator) -> AsyncIterator[Cluster]:
+    register_crds(kmock)
+    url = str(kmock.url).rstrip("/")
+    client = KubeClient(KubeConfig(server=url))
+    namespace = f"t-{uuid.uuid4().hex[:8]}"
+    try:
+        yield Cluster(kmock, client, namespace, url)
+    finally:
+        await client.aclose()
+
+
+@dataclass
+class Vault:
+    url: str
+    root: hvac.Client
+    operator_token: str
+    proxy_token: str
+
+    def secret_paths(self, namespace: str) -> list[str]:
+        try:
+            listed = self.root.secrets.kv.v2.list_secrets(
+                path=f"cloud-connector/{namespace}", mount_point="secret"
+            )
+        except hvac.exceptions.InvalidPath:
+            return []
+        return sorted(listed["data"]["keys"])
+
+
+@pytest.fixture(scope="session")
+def vault(bao: Bao) -> Vault:
+    root = hvac.Client(url=bao.url, token=bao.token)
+    bootstrap(root)
+
+    def token(policy: str) -> str:
+        made = root.auth.token.create(policies=[policy], no_default_policy=True, ttl="2h")
+        return str(made["auth"]["client_token"])
+
+    return Vault(bao.url, root, token(OPERATOR_POLICY), token(PROXY_POLICY))
+
+
+@pytest.fixture
+def aws(moto_server: Moto) -> Callable[[str], Any]:
+    """A plain boto3 IoT client on moto, to look at what the operator left there."""
+    moto_server.reset()
+
+    def client(region: str = REGION) -> Any:
+        return boto3.client(
+            "iot",
+            region_name=region,
+            endpoint_url=moto_server.url,
+            aws_access_key_id=FAKE_KEYS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=FAKE_KEYS["AWS_SECRET_ACCESS_KEY"],
+            config=Config(retries={"total_max_attempts": 1}),
+        )
+
+    return client
+
+
+@dataclass
+class OperatorProcess:
+    """``python -m cloudconnector.operator.main`` against kmock; killable like a real pod."""
+
+    env: dict[str, str]
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+    runs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start(self) -> None:
+        out = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cloudconnector.operator.main"], env=self.env, stdout=out, stderr=out
+        )
+        self.runs.append(self.proc)
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, no graceful exit, as when a node dies."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def operator_env(cluster: Cluster, vault: Vault) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "AWS_", "KUBE"))}
+    env.update(
+        CLOUDCONNECTOR_K8S_SERVER=cluster.url,
+        CLOUDCONNECTOR_NAMESPACES=cluster.namespace,
+        CLOUDCONNECTOR_PEERING="off",
+        CLOUDCONNECTOR_NAMESPACE_SCANNING="off",
+        CLOUDCONNECTOR_CONSISTENCY_TIMEOUT="0.5",
+        CLOUDCONNECTOR_STATUS_INTERVAL="1",
+        CLOUDCONNECTOR_CONFLICT_RECHECK="1",
+        CLOUDCONNECTOR_ENDPOINT_RECHECK="2",
+        CLOUDCONNECTOR_CREDENTIALS_RETRY="2",
+        VAULT_ADDR=vault.url,
+        VAULT_TOKEN=vault.operator_token,
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    return env
+
+
+@pytest.fixture
+def operator(operator_env: dict[str, str]) -> Iterator[OperatorProcess]:
+    with tempfile.TemporaryDirectory(prefix="operator-") as tmp:
+        op = OperatorProcess(operator_env, Path(tmp) / "operator.log")
+        op.start()
+        try:
+            yield op
+        finally:
+            op.stop()
+            for run in op.runs:
+                if run.poll() is None:
+                    run.kill()
+                    run.wait()
+            log = op.output()
+            # Secrets must never reach the operator's output.
+            assert "BEGIN RSA PRIVATE KEY" not in log and "PRIVATE KEY-----" not in log
+            assert FAKE_KEYS["AWS_SECRET_ACCESS_KEY"] not in log
+            if os.environ.get("CLOUDCONNECTOR_TEST_SHOW_LOG"):
+                print(log)
+
+
+Maker = Callable[..., Awaitable[dict[str, Any]]]
+
+
+@pytest.fixture
+def fleet(cluster: Cluster, moto_server: Moto) -> Fleet:
+    return Fleet(cluster, moto_server.url)
+
+
+@dataclass
+class Fleet:
+    """Builders for Endpoints, Groups and Devices in the test's namespace."""
+
+    cluster: Cluster
+    moto_url: str
+    _sims: int = 0
+
+    async def endpoint(
+        self,
+        name: str,
+        *,
+        region: str = REGION,
+        prefix: str = "",
+        secret: str | None = "aws-keys",
+        rate: float = 50,
+    ) -> dict[str, Any]:
+        if (
+            secret is not None
+            and await self.cluster.client.get(SECRETS, self.cluster.namespace, secret) is None
+        ):
+            await self.cluster.secret(secret, dict(FAKE_KEYS))
+        aws: dict[str, Any] = {"region": region, "endpointUrl": self.moto_url, "thingPrefix": prefix}
+        if secret is not None:
+            aws["credentialsSecretRef"] = {"name": secret}
+        spec = {"type": "AwsIotCore", "rateLimit": {"devicesPerSecond": rate}, "aws": aws}
+        return await self.cluster.create(ENDPOINTS, name, spec)
+
+    async def group(self, name: str, endpoint: str) -> dict[str, Any]:
+        return await self.cluster.create(GROUPS, name, {"endpointRef": {"name": endpoint}})
+
+    def sim(self) -> tuple[str, str, str]:
+        self._sims += 1
+        n = self._sims
+        return f"89353012345{n:08d}", f"2343012{n:08d}", f"10.64.{n // 250}.{n % 250 + 1}"
+
+    async def device(self, name: str, group: str, **spec: Any) -> dict[str, Any]:
+        iccid, imsi, ip = self.sim()
+        body = {"group": group, "sim": {"iccid": iccid, "imsi": imsi}, "ip": ip}
+        body.update(spec)
+        return await self.cluster.create(DEVICES, name, body)
