@@ -1,0 +1,89 @@
+"""The proxy's settings, read from the environment (``CC_PROXY_*``) and overridable by arguments.
+
+One frozen value so that every part of the proxy sees the same settings and tests can build a
+proxy without touching the environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from cloudconnector.mqtt.codec import DEFAULT_MAX_SIZE
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+IDENTITY_MODES = ("ip", "client_id", "username")
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    bind: str = "0.0.0.0"
+    mqtt_port: int | None = 1883  # None: no plain listener
+    tls_port: int | None = 8883  # None: no TLS listener
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_reload_seconds: float = 10.0  # how often the 8883 certificate files are checked for changes
+    trusted_proxies: tuple[Network, ...] = ()  # sources that must send a PROXY protocol header
+    identity: tuple[str, ...] = ("ip",)  # tried in order: ip, client_id, username (= ICCID)
+    connect_timeout: float = 10.0  # from accept to a complete CONNECT (and PROXY header, TLS)
+    upstream_timeout: float = 10.0  # TCP + TLS to the cloud, and its CONNACK
+    max_connections: int = 10_000
+    max_packet_size: int = DEFAULT_MAX_SIZE
+    default_ca_file: str | None = None  # trust for endpoints without caCertificate; else system
+    http_bind: str = "0.0.0.0"
+    http_port: int | None = 9090  # /healthz /readyz /metrics; None: off
+    drain_seconds: float = 10.0  # on SIGTERM: spread closing live sessions over this time
+    log_json: bool = True
+
+    def __post_init__(self) -> None:
+        for mode in self.identity:
+            if mode not in IDENTITY_MODES:
+                raise ValueError(f"identity mode {mode!r} is not one of {', '.join(IDENTITY_MODES)}")
+        if self.tls_port is not None and not (self.tls_cert_file and self.tls_key_file):
+            raise ValueError("the TLS listener needs tls_cert_file and tls_key_file")
+
+
+def parse_networks(text: str) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in text.split(",") if p.strip())
+
+
+def _port(text: str) -> int | None:
+    return None if text.strip().lower() in ("", "0", "off", "none") else int(text)
+
+
+def _bool(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes", "on")
+
+
+_PARSERS: dict[str, Any] = {
+    "mqtt_port": _port,
+    "tls_port": _port,
+    "http_port": _port,
+    "trusted_proxies": parse_networks,
+    "identity": lambda t: tuple(p.strip() for p in t.split(",") if p.strip()),
+    "tls_reload_seconds": float,
+    "connect_timeout": float,
+    "upstream_timeout": float,
+    "drain_seconds": float,
+    "max_connections": int,
+    "max_packet_size": int,
+    "log_json": _bool,
+}
+
+
+def from_mapping(values: Mapping[str, str], prefix: str = "CC_PROXY_") -> ProxyConfig:
+    """Settings from ``{PREFIX}{FIELD}`` keys (e.g. ``CC_PROXY_TLS_PORT``); missing keys keep defaults."""
+    kwargs: dict[str, Any] = {}
+    for f in fields(ProxyConfig):
+        key = prefix + f.name.upper()
+        if key in values:
+            parse = _PARSERS.get(f.name, lambda t: t or None)
+            kwargs[f.name] = parse(values[key])
+    return ProxyConfig(**kwargs)
+
+
+def from_env() -> ProxyConfig:
+    return from_mapping(os.environ)

@@ -1,0 +1,202 @@
+"""The proxy's listeners and the life of the process: accept, limit, revoke, reload, drain.
+
+Connections are accepted on raw sockets rather than through ``asyncio.start_server`` because a
+trusted load balancer's PROXY header must be read byte-exactly *before* the TLS handshake (the
+stream machinery would swallow the ClientHello with it); only then is the socket handed to the
+event loop, with TLS for the 8883 listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import ssl
+from collections.abc import Iterator
+
+from cloudconnector.keystore.base import KeyReader
+from cloudconnector.model import ObjectRef
+from cloudconnector.proxy.config import ProxyConfig
+from cloudconnector.proxy.credentials import file_stamp, server_context
+from cloudconnector.proxy.directory import Revocations, normalize_ip
+from cloudconnector.proxy.metrics import Metrics
+from cloudconnector.proxy.proxyproto import ProxyHeaderError, read_proxy_header
+from cloudconnector.proxy.session import Deps, serve
+from cloudconnector.routes import Directory, Route
+
+log = logging.getLogger("cloudconnector.proxy")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=4096, reuse_port=False)
+    sock.setblocking(False)
+    return sock
+
+
+class Proxy:
+    """Plain and TLS MQTT listeners relaying each device to its cloud with its own identity."""
+
+    def __init__(
+        self, config: ProxyConfig, directory: Directory, keys: KeyReader, metrics: Metrics | None = None
+    ) -> None:
+        self.config = config
+        self.directory = directory
+        self.metrics = metrics or Metrics()
+        self.deps = Deps(config, directory, keys, self.metrics, self._track)
+        self.ports: dict[str, int] = {}  # "mqtt"/"tls" -> bound port (useful with port 0)
+        self.accepting = False
+        self._sockets: list[socket.socket] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._connections: set[asyncio.Task[None]] = set()
+        self._live: dict[ObjectRef, set[asyncio.Task[None]]] = {}
+        self._tls: ssl.SSLContext | None = None
+        self._tls_stamp: tuple[tuple[int, int, int], ...] = ()
+        if isinstance(directory, Revocations):
+            directory.subscribe(self.revoke)
+
+    # ------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        cfg = self.config
+        if cfg.tls_port is not None:
+            assert cfg.tls_cert_file and cfg.tls_key_file
+            self._tls = server_context(cfg.tls_cert_file, cfg.tls_key_file)
+            self._tls_stamp = file_stamp(cfg.tls_cert_file, cfg.tls_key_file)
+            self._tasks.append(asyncio.create_task(self._reload_tls_loop()))
+        for name, port, tls in (("mqtt", cfg.mqtt_port, False), ("tls", cfg.tls_port, True)):
+            if port is None:
+                continue
+            sock = _listen(cfg.bind, port)
+            self._sockets.append(sock)
+            self.ports[name] = sock.getsockname()[1]
+            self._tasks.append(asyncio.create_task(self._accept_loop(sock, tls)))
+        self.accepting = True
+        log.info("proxy listening", extra={"ports": dict(self.ports)})
+
+    async def stop(self, drain_seconds: float | None = None) -> None:
+        """Stop accepting, then end live sessions spread over ``drain_seconds`` (devices reconnect
+        to another replica without all arriving in the same instant)."""
+        self.accepting = False
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
+        pending = list(self._connections)
+        drain = self.config.drain_seconds if drain_seconds is None else drain_seconds
+        step = drain / len(pending) if pending else 0.0
+        for task in pending:
+            task.cancel()
+            if step:
+                await asyncio.sleep(step)
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def __aenter__(self) -> Proxy:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop(0)
+
+    # ------------------------------------------------------------ sessions
+
+    def revoke(self, device: ObjectRef) -> None:
+        """End the live sessions of ``device`` (deleted, rotated, moved)."""
+        tasks = self._live.get(device, set())
+        for task in list(tasks):
+            task.cancel()
+        if tasks:
+            self.metrics.revoked.inc(len(tasks))
+            log.info("sessions revoked", extra={"device": str(device), "count": len(tasks)})
+
+    @contextlib.contextmanager
+    def _track(self, route: Route) -> Iterator[None]:
+        task = asyncio.current_task()
+        assert task is not None
+        self._live.setdefault(route.device, set()).add(task)  # type: ignore[arg-type]
+        try:
+            yield
+        finally:
+            tasks = self._live.get(route.device)
+            if tasks is not None:
+                tasks.discard(task)  # type: ignore[arg-type]
+                if not tasks:
+                    del self._live[route.device]
+
+    def live_sessions(self, device: ObjectRef) -> int:
+        return len(self._live.get(device, ()))
+
+    # ------------------------------------------------------------ accepting
+
+    def _trusted(self, ip: str) -> bool:
+        if not self.config.trusted_proxies:
+            return False
+        addr = ipaddress.ip_address(ip)
+        return any(addr in net for net in self.config.trusted_proxies)
+
+    async def _accept_loop(self, lsock: socket.socket, tls: bool) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(lsock)
+            except OSError as e:  # e.g. EMFILE: back off instead of spinning
+                log.warning("accept failed", extra={"reason": str(e)})
+                await asyncio.sleep(0.1)
+                continue
+            if len(self._connections) >= self.config.max_connections:
+                self.metrics.attempts.labels("limit").inc()
+                conn.close()
+                continue
+            task = asyncio.create_task(self._handle(conn, addr[0], tls))
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    async def _handle(self, conn: socket.socket, addr: str, tls: bool) -> None:
+        loop = asyncio.get_running_loop()
+        self.metrics.open_connections.inc()
+        try:
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = normalize_ip(addr)
+            try:
+                async with asyncio.timeout(self.config.connect_timeout):
+                    if self._trusted(peer):
+                        header = await read_proxy_header(conn)
+                        peer = normalize_ip(header.source) if header.source else peer
+                    reader = asyncio.StreamReader(limit=2**16)
+                    protocol = asyncio.StreamReaderProtocol(reader)
+                    transport, _ = await loop.connect_accepted_socket(
+                        lambda: protocol, conn, ssl=self._tls if tls else None
+                    )
+                    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+            except (ProxyHeaderError, TimeoutError, OSError, ssl.SSLError, ValueError) as e:
+                result = "bad_proxy_header" if isinstance(e, ProxyHeaderError | ValueError) else "handshake"
+                self.metrics.attempts.labels(result).inc()
+                log.info("connection dropped", extra={"peer": peer, "result": result, "reason": str(e)})
+                conn.close()
+                return
+            await serve(self.deps, reader, writer, peer)
+        finally:
+            self.metrics.open_connections.dec()
+
+    async def _reload_tls_loop(self) -> None:
+        cfg = self.config
+        assert cfg.tls_cert_file and cfg.tls_key_file
+        while True:
+            await asyncio.sleep(cfg.tls_reload_seconds)
+            stamp = file_stamp(cfg.tls_cert_file, cfg.tls_key_file)
+            if stamp == self._tls_stamp:
+                continue
+            try:
+                self._tls = server_context(cfg.tls_cert_file, cfg.tls_key_file)
+            except (OSError, ssl.SSLError) as e:
+                # Mid-update (certificate and key not yet matching): keep the old one, retry.
+                log.warning("TLS certificate reload failed", extra={"reason": str(e)})
+                continue
+            self._tls_stamp = stamp
+            log.info("TLS certificate reloaded")
