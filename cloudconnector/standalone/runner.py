@@ -168,7 +168,7 @@ class Runner:
         live = [o for o in objects if not removed(o)]
         peers: dict[str, list[Peer]] = {}
         for obj in live:
-            dev = parse_device(obj.body)
+            dev = parse_device(obj.body)  # the prefix does not matter for IP and ICCID clashes
             peers.setdefault(dev.ref.namespace, []).append(Peer(dev.ref.name, dev.ip, dev.iccid))
         now = time.monotonic()
         tasks = []
@@ -187,15 +187,17 @@ class Runner:
         await asyncio.gather(*tasks)
 
     async def _reconcile_device(self, obj: StoredObject, peers: list[Peer], result: PassResult) -> None:
-        device = parse_device(obj.body)
-        group_obj = self.store.get(api.KIND_GROUP, ObjectRef(device.ref.namespace, device.group))
+        namespace = obj.ref.namespace
+        group_obj = self.store.get(api.KIND_GROUP, ObjectRef(namespace, obj.body["spec"]["group"]))
         group = parse_group(group_obj.body) if group_obj is not None else None
         endpoint_obj = (
-            self.store.get(api.KIND_ENDPOINT, ObjectRef(device.ref.namespace, group.endpoint))
+            self.store.get(api.KIND_ENDPOINT, ObjectRef(namespace, group.endpoint))
             if group is not None
             else None
         )
         endpoint = parse_endpoint(endpoint_obj.body) if endpoint_obj is not None else None
+        # The thing name carries the prefix of the Endpoint it is made at, as in the operator.
+        device = parse_device(obj.body, thing_prefix=_prefix(endpoint))
         ready = endpoint_obj is not None and endpoint_obj.status.get("phase") == ENDPOINT_READY
         async with self._semaphore:
             await self._guard(
@@ -213,7 +215,11 @@ class Runner:
             )
 
     async def _finalize(self, obj: StoredObject, result: PassResult) -> None:
-        device = parse_device(obj.body)
+        holder = obj.status.get("endpoint")
+        device = parse_device(
+            obj.body,
+            thing_prefix=_prefix(self._lookup_endpoint(obj.ref.namespace, holder) if holder else None),
+        )
         async with self._semaphore:
             done = await self._guard(
                 device,
@@ -326,6 +332,10 @@ class Runner:
                 result = await self.reconcile()
                 due = time.monotonic() + (result.retry_in if result.retry_in is not None else 60.0)
             await asyncio.sleep(interval)
+
+
+def _prefix(endpoint: Endpoint | None) -> str:
+    return endpoint.aws.thing_prefix if endpoint is not None and endpoint.aws is not None else ""
 
 
 def _signature(directory: Path) -> tuple[tuple[str, float, int], ...]:
