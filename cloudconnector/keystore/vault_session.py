@@ -165,8 +165,12 @@ class VaultSession:
         path = f"auth/{cfg.login_mount}/login"
         response = self._send("POST", path, {"role": cfg.role, "jwt": jwt}, None)
         if response.status_code in (400, 401, 403, 404):
+            # Vault's words here ("service account name not authorized", ...) say what to fix
+            # and never echo the JWT.
+            words = "; ".join(_errors(response)) or "no detail"
             raise PermanentError(
-                f"Vault login at {path} with role {cfg.role!r} was refused (HTTP {response.status_code})",
+                f"Vault login at {path} with role {cfg.role!r} was refused "
+                f"(HTTP {response.status_code}: {short(words, 200)})",
                 reason="VaultLoginFailed",
             )
         body = _outcome("POST", path, response) or {}

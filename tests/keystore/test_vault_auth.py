@@ -6,7 +6,9 @@ import asyncio
 import json
 import time
 from base64 import urlsafe_b64encode
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
@@ -19,10 +21,12 @@ from cloudconnector.keystore.vault_config import AuthMethod, VaultConfig
 from cloudconnector.keystore.vault_setup import OPERATOR_POLICY, PROXY_POLICY, AuthRole, AuthSetup, bootstrap
 from cloudconnector.model import ObjectRef
 from tests.keystore.conftest import Roles, make_token
+from tests.support.pki import CA
 
 AUDIENCE = "vault"
 OPERATOR_SA = "system:serviceaccount:cloud-connector:cloud-connector-operator"
 PROXY_SA = "system:serviceaccount:cloud-connector:cloud-connector-proxy"
+SA_UID = "0f6b1c2e-0000-4000-8000-000000000001"
 
 
 def _b64(data: bytes) -> str:
@@ -41,8 +45,8 @@ def sign_jwt(key: rsa.RSAPrivateKey, subject: str, audience: str = AUDIENCE, ttl
         "nbf": now - 5,
         "exp": now + ttl,
         "kubernetes.io": {
-            "namespace": "cloud-connector",
-            "serviceaccount": {"name": subject.rsplit(":", 1)[1]},
+            "namespace": subject.split(":")[2],
+            "serviceaccount": {"name": subject.rsplit(":", 1)[1], "uid": SA_UID},
         },
     }
     signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
@@ -183,3 +187,63 @@ def test_device_names_stay_unique_as_transit_keys() -> None:
         transit_key_name(ObjectRef("a.b", "c"))
     with pytest.raises(InvalidSpec):
         transit_key_name(ObjectRef("ns", "../etc"))
+
+
+async def test_kubernetes_login_is_checked_by_a_token_review(
+    kmock: Any,
+    roles: Roles,
+    jwt_key: rsa.RSAPrivateKey,
+    tmp_path: Path,
+    device: ObjectRef,
+    material: KeyMaterial,
+) -> None:
+    """auth/kubernetes asks the API server (here kmock, over HTTP) whether the pod's JWT is genuine."""
+    genuine = sign_jwt(jwt_key, OPERATOR_SA)
+    reviewed: list[str] = []
+
+    def token_review(request: Any) -> dict[str, Any]:
+        token = request.data["spec"]["token"]
+        reviewed.append(token)
+        ok = token == genuine
+        user = {"username": OPERATOR_SA, "uid": SA_UID} if ok else {}
+        return {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "status": {"authenticated": ok, "user": user, "audiences": [AUDIENCE]},
+        }
+
+    kmock["post /apis/authentication.k8s.io/v1/tokenreviews"] << token_review
+    role = AuthRole(
+        "cc-operator",
+        (OPERATOR_POLICY,),
+        service_accounts=("cloud-connector-operator",),
+        namespaces=("cloud-connector",),
+    )
+    config = {
+        "kubernetes_host": str(kmock.url).rstrip("/"),
+        "kubernetes_ca_cert": CA("unused for plain HTTP").cert_pem,
+        "disable_local_ca_jwt": True,  # review each login with the caller's own JWT
+    }
+    await asyncio.to_thread(
+        bootstrap, roles.root, auth=[AuthSetup("kubernetes", config, (role,), "k8s-test")]
+    )
+
+    (tmp_path / "sa.jwt").write_text(genuine)
+    cfg = VaultConfig(
+        address=roles.url,
+        auth=AuthMethod.KUBERNETES,
+        role="cc-operator",
+        auth_mount="k8s-test",
+        jwt_file=tmp_path / "sa.jwt",
+    )
+    store = VaultKeyStore(cfg)
+    await store.put(device, material, {"via": "kubernetes"})
+    assert reviewed == [genuine]
+
+    # A token the API server does not vouch for (here: an unknown key's signature) is refused.
+    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (tmp_path / "forged.jwt").write_text(sign_jwt(stranger, OPERATOR_SA))
+    forged = VaultKeyStore(replace(cfg, jwt_file=tmp_path / "forged.jwt"))
+    with pytest.raises(PermanentError) as err:
+        await forged.describe(device)
+    assert err.value.reason == "VaultLoginFailed"
