@@ -18,8 +18,11 @@ class ProgressBar:
         self.phases: dict[ObjectRef, str] = {}
         self._shown = -1.0
         self._tty = self.stream.isatty()
+        self._done = False
 
     def update(self, ref: ObjectRef, status: Mapping[str, Any]) -> None:
+        if self._done:  # later writes (the clean-up) are not provisioning progress
+            return
         self.phases[ref] = str(status.get("phase") or "")
         now = time.monotonic()
         if self._tty or now - self._shown >= 1.0:
@@ -40,3 +43,4 @@ class ProgressBar:
 
     def finish(self) -> None:
         self._draw("\n" if self._tty else "")
+        self._done = True
