@@ -1,0 +1,124 @@
+"""The proxy's device directory, kept current from the Kubernetes API (list, then watch).
+
+It follows Devices, Groups and Endpoints (in one namespace or all), and after every change
+rebuilds identity -> Route with :func:`cloudconnector.routes.build_route`, the one definition of
+which status fields make a device usable. Rebuilding goes through a :class:`StaticDirectory`, so
+a device that is deleted, stops being Ready, gets a new certificate or moves to another endpoint
+has its live session ended. The proxy only reads these resources: its RBAC role needs list and
+watch, nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from cloudconnector import api
+from cloudconnector.errors import short
+from cloudconnector.kube.client import KubeClient, KubeError, Resource
+from cloudconnector.proxy.directory import RevokeCallback, StaticDirectory
+from cloudconnector.routes import Route, build_route
+
+log = logging.getLogger(__name__)
+
+DEVICES = Resource(api.GROUP, api.VERSION, api.DEVICES)
+GROUPS = Resource(api.GROUP, api.VERSION, api.GROUPS)
+ENDPOINTS = Resource(api.GROUP, api.VERSION, api.ENDPOINTS)
+
+Key = tuple[str, str]
+Obj = dict[str, Any]
+
+
+def _key(obj: Obj) -> Key:
+    meta = obj.get("metadata") or {}
+    return str(meta.get("namespace") or ""), str(meta.get("name") or "")
+
+
+class KubeDirectory:
+    """A :class:`~cloudconnector.routes.Directory` fed by watching the three custom resources."""
+
+    def __init__(
+        self,
+        client: KubeClient,
+        namespace: str | None = None,
+        *,
+        retry_seconds: float = 2.0,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.retry_seconds = retry_seconds
+        self.on_change = on_change  # for tests and metrics: called after each rebuild
+        self._index = StaticDirectory()
+        self._objects: dict[str, dict[Key, Obj]] = {r.plural: {} for r in (DEVICES, GROUPS, ENDPOINTS)}
+        self._listed: set[str] = set()
+
+    @property
+    def ready(self) -> bool:
+        """True once all three resources have been listed."""
+        return len(self._listed) == 3
+
+    def by_ip(self, ip: str) -> Route | None:
+        return self._index.by_ip(ip)
+
+    def by_iccid(self, iccid: str) -> Route | None:
+        return self._index.by_iccid(iccid)
+
+    def subscribe(self, callback: RevokeCallback) -> None:
+        self._index.subscribe(callback)
+
+    def routes(self) -> list[Route]:
+        return self._index.routes()
+
+    async def run(self) -> None:
+        """Follow all three resources until cancelled; API errors are retried, never raised."""
+        await asyncio.gather(*(self._follow(res) for res in (DEVICES, GROUPS, ENDPOINTS)))
+
+    async def _follow(self, res: Resource) -> None:
+        while True:
+            try:
+                listing = await self.client.request("GET", res.path(self.namespace)) or {}
+                self._objects[res.plural] = {_key(o): o for o in listing.get("items") or []}
+                self._listed.add(res.plural)
+                self._rebuild()
+                version = (listing.get("metadata") or {}).get("resourceVersion")
+                await self._watch(res, version)
+            except KubeError as e:
+                log.warning("watching %s failed, retrying: %s", res.plural, short(e, 200))
+                await asyncio.sleep(self.retry_seconds)
+
+    async def _watch(self, res: Resource, version: str | None) -> None:
+        store = self._objects[res.plural]
+        async for event in self.client.watch(res, self.namespace, resource_version=version):
+            kind, obj = event.get("type"), event.get("object") or {}
+            if kind == "ERROR":  # e.g. 410 Gone: our version is too old; list again
+                return
+            if kind == "BOOKMARK":
+                continue
+            if kind == "DELETED":
+                store.pop(_key(obj), None)
+            else:
+                store[_key(obj)] = obj
+            self._rebuild()
+        # The server closed the stream (watches time out); the caller lists again.
+
+    def _rebuild(self) -> None:
+        if not self.ready:
+            return
+        groups = self._objects[GROUPS.plural]
+        endpoints = self._objects[ENDPOINTS.plural]
+        routes: list[Route] = []
+        for (namespace, _), device in self._objects[DEVICES.plural].items():
+            group = groups.get((namespace, str((device.get("spec") or {}).get("group") or "")))
+            endpoint = None
+            if group is not None:
+                ref = ((group.get("spec") or {}).get("endpointRef") or {}).get("name")
+                endpoint = endpoints.get((namespace, str(ref or "")))
+            route = build_route(device, group, endpoint)
+            if route is not None:
+                routes.append(route)
+        self._index.replace(routes)
+        if self.on_change is not None:
+            self.on_change()

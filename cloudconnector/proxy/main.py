@@ -1,0 +1,131 @@
+"""``cloud-connector-proxy``: run the IoT proxy as a process (a pod in Kubernetes).
+
+Settings come from ``CC_PROXY_*`` environment variables (see :mod:`cloudconnector.proxy.config`),
+overridable by arguments; the device directory from the Kubernetes API
+(:mod:`cloudconnector.kube.config` settings); device credentials from Vault
+(:mod:`cloudconnector.keystore.vault_config` settings) with the proxy's read-only role.
+SIGTERM stops accepting, marks the pod not ready and ends sessions spread over the drain time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from cloudconnector.proxy.config import ProxyConfig, from_mapping
+from cloudconnector.proxy.health import make_app, start_http
+
+log = logging.getLogger("cloudconnector.proxy")
+
+_STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the record's extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD:
+                out[key] = value
+        if record.exc_info and record.exc_info[0] is not None:
+            out["error"] = record.exc_info[0].__name__  # the type only: tracebacks may carry data
+        return json.dumps(out, default=str)
+
+
+def configure_logging(as_json: bool, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if as_json:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[ProxyConfig, argparse.Namespace]:
+    p = argparse.ArgumentParser(prog="cloud-connector-proxy", description=__doc__.splitlines()[0])
+    p.add_argument("--bind")
+    p.add_argument("--mqtt-port", type=int, help="plain MQTT port (0 = off)")
+    p.add_argument("--tls-port", type=int, help="MQTT over TLS port (0 = off)")
+    p.add_argument("--tls-cert-file")
+    p.add_argument("--tls-key-file")
+    p.add_argument("--trusted-proxies", help="CIDRs that must send a PROXY protocol header")
+    p.add_argument("--identity", help="comma list of ip, client_id, username (tried in order)")
+    p.add_argument("--http-port", type=int, help="health and metrics port (0 = off)")
+    p.add_argument("--namespace", help="watch one namespace (default: all)")
+    p.add_argument("--log-level", default="info")
+    args = p.parse_args(argv)
+    # Arguments override the environment: both end up as CC_PROXY_* settings.
+    values = dict(os.environ)
+    for name in ("bind", "mqtt_port", "tls_port", "tls_cert_file", "tls_key_file", "trusted_proxies"):
+        if getattr(args, name) is not None:
+            values[f"CC_PROXY_{name.upper()}"] = str(getattr(args, name))
+    for name in ("identity", "http_port"):
+        if getattr(args, name) is not None:
+            values[f"CC_PROXY_{name.upper()}"] = str(getattr(args, name))
+    return from_mapping(values), args
+
+
+async def run(cfg: ProxyConfig, namespace: str | None) -> None:
+    # Imported here so that --help works without the Kubernetes and Vault settings.
+    from cloudconnector.keystore.vault import VaultKeyStore
+    from cloudconnector.kube.client import KubeClient
+    from cloudconnector.kube.config import KubeConfig
+    from cloudconnector.proxy.kube_directory import KubeDirectory
+    from cloudconnector.proxy.server import Proxy
+
+    kube = KubeClient(KubeConfig.from_env())
+    keys = VaultKeyStore.from_env()
+    directory = KubeDirectory(kube, namespace)
+    proxy = Proxy(cfg, directory, keys)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    watcher = asyncio.create_task(directory.run())
+    runner = None
+    try:
+        if cfg.http_port is not None:
+            app = make_app(proxy.metrics, lambda: proxy.accepting and directory.ready)
+            runner, _ = await start_http(app, cfg.http_bind, cfg.http_port)
+        await proxy.start()
+        await stop.wait()
+        log.info("draining", extra={"seconds": cfg.drain_seconds})
+        await proxy.stop()
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        if runner is not None:
+            await runner.cleanup()
+        await kube.aclose()
+        keys.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg, args = parse_args(argv)
+    configure_logging(cfg.log_json, args.log_level)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(run(cfg, args.namespace))
+    else:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(run(cfg, args.namespace))
+
+
+if __name__ == "__main__":
+    main()
