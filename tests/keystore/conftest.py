@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import subprocess
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import hvac
 import pytest
@@ -16,7 +22,7 @@ from cloudconnector.keystore.vault_config import VaultConfig
 from cloudconnector.keystore.vault_setup import OPERATOR_POLICY, PROXY_POLICY, bootstrap
 from cloudconnector.model import ObjectRef
 from tests.support.pki import CA
-from tests.support.procs import Bao, run_bao
+from tests.support.procs import Bao, free_port, run_bao, stop, wait_for
 
 
 @dataclass
@@ -76,3 +82,39 @@ def spare_bao() -> Iterator[Bao]:
     """A private OpenBao for tests that break the server (seal, stop) or need a blank one."""
     with run_bao() as server:
         yield server
+
+
+@dataclass
+class SealableBao:
+    bao: Bao
+    unseal_key: str
+
+
+@pytest.fixture
+def sealable_bao(tmp_path: Path) -> Iterator[SealableBao]:
+    """A private OpenBao dev server whose unseal key we keep, so a test can seal and unseal it."""
+    exe = shutil.which("bao")
+    assert exe is not None
+    port = free_port()
+    token = "test-root-" + os.urandom(8).hex()
+    log = tmp_path / "bao.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [exe, "server", "-dev", f"-dev-root-token-id={token}", f"-dev-listen-address=127.0.0.1:{port}"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        with urllib.request.urlopen(f"{url}/v1/sys/health", timeout=1) as r:
+            return r.status == 200
+
+    try:
+        wait_for(healthy, what="bao")
+        wait_for(lambda: b"Unseal Key:" in log.read_bytes(), what="bao unseal key")
+        found = re.search(rb"Unseal Key: (\S+)", log.read_bytes())
+        assert found is not None
+        yield SealableBao(Bao(url, token, proc), found.group(1).decode())
+    finally:
+        stop(proc)

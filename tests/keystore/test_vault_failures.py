@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import traceback
+from dataclasses import replace
 
 import hvac
 import pytest
@@ -12,9 +13,9 @@ from cloudconnector.errors import ConnectorError, PermanentError, TransientError
 from cloudconnector.keystore.base import KeyMaterial
 from cloudconnector.keystore.vault import VaultKeyStore
 from cloudconnector.keystore.vault_config import VaultConfig
-from cloudconnector.keystore.vault_setup import OPERATOR_POLICY, bootstrap
+from cloudconnector.keystore.vault_setup import OPERATOR_POLICY, PROXY_POLICY, bootstrap
 from cloudconnector.model import ObjectRef
-from tests.keystore.conftest import Roles, make_token
+from tests.keystore.conftest import Roles, SealableBao, make_token
 from tests.support.procs import Bao, free_port, stop
 
 
@@ -101,3 +102,25 @@ async def test_no_secret_in_reprs_errors_or_logs(
         for secret in secrets:
             assert secret not in text
         assert "PRIVATE KEY" not in text
+
+
+async def test_sealed_vault_loses_nothing_and_recovers(
+    sealable_bao: SealableBao, device: ObjectRef, material: KeyMaterial
+) -> None:
+    root = hvac.Client(url=sealable_bao.bao.url, token=sealable_bao.bao.token)
+    bootstrap(root)
+    cfg = VaultConfig(address=sealable_bao.bao.url, token=make_token(root, OPERATOR_POLICY))
+    operator = VaultKeyStore(cfg)
+    proxy = VaultKeyStore(replace(cfg, token=make_token(root, PROXY_POLICY)))
+    await operator.put(device, material, {"n": "1"})
+
+    root.sys.seal()
+    with pytest.raises(TransientError):
+        await operator.put(device, material, {"n": "2"})
+    with pytest.raises(TransientError):
+        await proxy.get(device)
+
+    root.sys.submit_unseal_key(sealable_bao.unseal_key)
+    assert await proxy.get(device) == material  # what was stored before the outage is intact
+    info = await operator.put(device, material, {"n": "2"})  # the retry goes through
+    assert dict(info.metadata) == {"n": "2"}

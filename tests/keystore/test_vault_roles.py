@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import pytest
@@ -198,3 +199,16 @@ async def test_put_after_delete_starts_afresh(
     info = await operator.put(device, material, {"again": "yes"})
     assert info.version == 1
     assert await proxy.get(device) == material
+
+
+async def test_many_devices_at_once_share_one_session(
+    operator: VaultKeyStore, proxy: VaultKeyStore, material: KeyMaterial
+) -> None:
+    devices = [ObjectRef("keystore-burst", f"dev-{i}") for i in range(40)]
+    infos = await asyncio.gather(*(operator.put(d, material, {"i": d.name}) for d in devices))
+    assert [i.metadata["i"] for i in infos] == [d.name for d in devices]
+    fetched = await asyncio.gather(*(proxy.get(d) for d in devices))
+    assert all(f == material for f in fetched)
+    assert operator.session.logins == 1
+    await asyncio.gather(*(operator.delete(d) for d in devices))
+    assert not any(await asyncio.gather(*(operator.describe(d) for d in devices)))
