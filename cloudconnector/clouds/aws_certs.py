@@ -28,7 +28,7 @@ from cloudconnector.clouds.aws_api import AwsAlreadyExists, AwsNotFound, IotApi
 from cloudconnector.clouds.base import Checkpoint, Progress
 from cloudconnector.clouds.certs import cert_info
 from cloudconnector.errors import PermanentError
-from cloudconnector.keystore.base import KeyMaterial, KeyWriter
+from cloudconnector.keystore.base import KeyMaterial, KeyWriter, StoredInfo
 from cloudconnector.model import Device
 
 # How far the AWS clock (creationDate) may be from ours, and how long one create call may take.
@@ -91,8 +91,9 @@ class Certificates:
         """
         c = journal.slot(slot_name)
         if c.get("id") and not c.get("stored"):
-            if await _stored_here(keys, device, c):
-                c["stored"] = True
+            held = await _stored_here(keys, device, c)
+            if held is not None:
+                c.update(stored=True, keyLocation=held.location, keyVersion=held.version)
                 await journal.save()
             elif supplied is None:
                 await self.retire(c, journal.p)  # its key is gone with the crashed process
@@ -257,7 +258,7 @@ class Certificates:
         return not policies.get("policies")
 
 
-async def _stored_here(keys: KeyWriter, device: Device, c: Slot) -> bool:
+async def _stored_here(keys: KeyWriter, device: Device, c: Slot) -> StoredInfo | None:
     """The key store may hold this certificate although the checkpoint saying so was lost."""
     info = await keys.describe(device.ref)
-    return info is not None and info.metadata.get("certificateId") == c["id"]
+    return info if info is not None and info.metadata.get("certificateId") == c["id"] else None

@@ -33,15 +33,24 @@ class Crash(Exception):
 
 @dataclass
 class Recorder:
-    """A checkpoint that keeps what was saved and can 'crash' after the k-th save."""
+    """A checkpoint that keeps what was saved and can 'crash' at the k-th save.
 
-    crash_after: int | None = None
+    With ``lose=False`` the k-th record is kept (the process died right after writing it); with
+    ``lose=True`` it is not (the process died after the step but before recording it).
+    """
+
+    crash_at: int | None = None
+    lose: bool = False
     saved: list[Progress] = field(default_factory=list)
+    calls: int = 0
 
     async def __call__(self, progress: Progress) -> None:
-        self.saved.append(copy.deepcopy(progress))
-        if self.crash_after is not None and len(self.saved) >= self.crash_after:
-            raise Crash(f"crash after checkpoint {len(self.saved)}")
+        self.calls += 1
+        crash = self.crash_at is not None and self.calls >= self.crash_at
+        if not (crash and self.lose):
+            self.saved.append(copy.deepcopy(progress))
+        if crash:
+            raise Crash(f"crash at checkpoint {self.calls}")
 
     @property
     def last(self) -> Progress:

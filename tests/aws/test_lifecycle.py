@@ -1,0 +1,138 @@
+"""Deprovisioning, rotation and manual provisioning on AWS IoT Core (moto over HTTP)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from cloudconnector.clouds.certs import self_signed
+from cloudconnector.keystore.base import KeyMaterial
+from tests.aws.conftest import Recorder, iot_inventory, make_device
+
+
+async def test_deprovision_leaves_nothing(make_provisioner: Any, iot: Any, keys: Any, namespace: str) -> None:
+    prov = make_provisioner()
+    devices = [make_device(namespace, i) for i in range(3)]
+    records = [Recorder() for _ in devices]
+    for device, rec in zip(devices, records, strict=True):
+        await prov.provision(device, {}, rec, keys)
+    for device, rec in zip(devices, records, strict=True):
+        done = Recorder()
+        await prov.deprovision(device, rec.last, done)
+        assert not any(done.last.values())  # every record cleared (set to None)
+    assert iot_inventory(iot) == {"things": [], "certs": {}, "arns": {}, "policies": []}
+
+
+async def test_deprovision_twice_is_harmless(
+    make_provisioner: Any, iot: Any, keys: Any, namespace: str
+) -> None:
+    prov = make_provisioner()
+    device = make_device(namespace, 1)
+    rec = Recorder()
+    await prov.provision(device, {}, rec, keys)
+    full = rec.last
+    await prov.deprovision(device, dict(full), Recorder())
+    # The same (stale) progress again: every resource is already gone.
+    await prov.deprovision(device, dict(full), Recorder())
+    assert iot_inventory(iot)["things"] == []
+
+
+async def test_deprovision_keeps_a_thing_that_existed_before(
+    make_provisioner: Any, iot: Any, keys: Any, namespace: str
+) -> None:
+    device = make_device(namespace, 1)
+    iot.create_thing(thingName=device.cloud_id)
+    prov = make_provisioner()
+    rec = Recorder()
+    await prov.provision(device, {}, rec, keys)
+    assert rec.last["thingOwned"] is False
+    await prov.deprovision(device, rec.last, Recorder())
+    inv = iot_inventory(iot)
+    assert inv["things"] == [device.cloud_id]
+    assert inv["certs"] == {} and inv["policies"] == []
+
+
+async def test_rotation_leaves_one_active_certificate(
+    make_provisioner: Any, iot: Any, keys: Any, reader: Any, namespace: str
+) -> None:
+    prov = make_provisioner()
+    device = make_device(namespace, 1)
+    rec = Recorder()
+    old = await prov.provision(device, {}, rec, keys)
+    rotating = dataclasses.replace(device, rotate_token="2026-11-28")
+    new = await prov.rotate(rotating, rec.last, rec, keys)
+
+    assert new.certificate_id != old.certificate_id
+    assert new.cloud_id == old.cloud_id and new.policy_name == old.policy_name
+    inv = iot_inventory(iot)
+    assert inv["certs"] == {new.certificate_id: "ACTIVE"}  # the old one is deleted, not just inactive
+    assert iot.list_thing_principals(thingName=device.cloud_id)["principals"] == [new.certificate_arn]
+    assert [p["policyName"] for p in iot.list_attached_policies(target=new.certificate_arn)["policies"]] == [
+        new.policy_name
+    ]
+    material = await reader.get(device.ref)
+    assert (
+        material.certificate_pem
+        == (
+            iot.describe_certificate(certificateId=new.certificate_id)["certificateDescription"][
+                "certificatePem"
+            ]
+        )
+    )
+
+    # The same annotation value again does not rotate again; a new value does.
+    again = await prov.rotate(rotating, rec.last, rec, keys)
+    assert again == new
+    third = await prov.rotate(dataclasses.replace(device, rotate_token="later"), rec.last, rec, keys)
+    assert third.certificate_id not in (old.certificate_id, new.certificate_id)
+    assert iot_inventory(iot)["certs"] == {third.certificate_id: "ACTIVE"}
+
+
+async def test_adopt_registers_the_users_certificate(
+    make_provisioner: Any, iot: Any, keys: Any, reader: Any, namespace: str
+) -> None:
+    cert, key = self_signed("meter-0001")
+    material = KeyMaterial(certificate_pem=cert, private_key_pem=key)
+    device = make_device(namespace, 1)
+    prov = make_provisioner()
+    rec = Recorder()
+    ident = await prov.adopt(device, material, {}, rec, keys)
+
+    inv = iot_inventory(iot)
+    assert inv["certs"] == {ident.certificate_id: "ACTIVE"}
+    desc = iot.describe_certificate(certificateId=ident.certificate_id)["certificateDescription"]
+    assert desc["certificatePem"] == cert
+    assert iot.list_thing_principals(thingName=device.cloud_id)["principals"] == [ident.certificate_arn]
+    assert (await reader.get(device.ref)).private_key_pem == key
+
+    await prov.deprovision(device, rec.last, Recorder())
+    assert iot_inventory(iot) == {"things": [], "certs": {}, "arns": {}, "policies": []}
+
+
+async def test_adopt_without_registration_only_stores(
+    make_provisioner: Any, iot: Any, keys: Any, reader: Any, namespace: str
+) -> None:
+    cert, key = self_signed("meter-0002")
+    device = make_device(namespace, 2, registerCertificate=False)
+    ident = await make_provisioner().adopt(
+        device, KeyMaterial(certificate_pem=cert, private_key_pem=key), {}, Recorder(), keys
+    )
+    assert iot_inventory(iot)["certs"] == {}
+    assert ident.certificate_arn is None
+    assert (await reader.get(device.ref)).certificate_pem == cert
+
+
+async def test_adopt_of_an_already_registered_certificate_never_deletes_it(
+    make_provisioner: Any, iot: Any, keys: Any, namespace: str
+) -> None:
+    cert, key = self_signed("meter-0003")
+    registered = iot.register_certificate_without_ca(certificatePem=cert, status="ACTIVE")
+    device = make_device(namespace, 3)
+    prov = make_provisioner()
+    rec = Recorder()
+    ident = await prov.adopt(device, KeyMaterial(certificate_pem=cert, private_key_pem=key), {}, rec, keys)
+    assert ident.certificate_id == registered["certificateId"]
+    await prov.deprovision(device, rec.last, Recorder())
+    inv = iot_inventory(iot)
+    assert inv["certs"] == {registered["certificateId"]: "ACTIVE"}
+    assert inv["things"] == [] and inv["policies"] == []
