@@ -135,6 +135,11 @@ class VaultSession:
             response: requests.Response = self._client.adapter.request(
                 method, f"/v1/{path}", headers=headers, raise_exception=False, **kwargs
             )
+        except requests.exceptions.SSLError as e:
+            # Usually a wrong VAULT_CACERT; transient because a remounted bundle can fix it.
+            raise TransientError(
+                f"TLS with Vault failed for {method} {path}: check the CA bundle", reason="VaultTLSFailed"
+            ) from e
         except requests.RequestException as e:
             raise TransientError(
                 f"Vault unreachable for {method} {path}: {type(e).__name__}", reason="VaultUnavailable"

@@ -22,7 +22,7 @@ from cloudconnector.keystore.vault_config import VaultConfig
 from cloudconnector.keystore.vault_setup import OPERATOR_POLICY, PROXY_POLICY, bootstrap
 from cloudconnector.model import ObjectRef
 from tests.support.pki import CA
-from tests.support.procs import Bao, free_port, run_bao, stop, wait_for
+from tests.support.procs import Bao, free_port, port_open, run_bao, stop, wait_for
 
 
 @dataclass
@@ -116,5 +116,35 @@ def sealable_bao(tmp_path: Path) -> Iterator[SealableBao]:
         found = re.search(rb"Unseal Key: (\S+)", log.read_bytes())
         assert found is not None
         yield SealableBao(Bao(url, token, proc), found.group(1).decode())
+    finally:
+        stop(proc)
+
+
+@pytest.fixture
+def tls_bao(tmp_path: Path) -> Iterator[tuple[Bao, Path]]:
+    """A private OpenBao dev server on HTTPS with its own generated CA; yields it and the CA file."""
+    exe = shutil.which("bao")
+    assert exe is not None
+    port = free_port()
+    token = "test-root-" + os.urandom(8).hex()
+    certs = tmp_path / "bao-tls"
+    certs.mkdir()
+    proc = subprocess.Popen(
+        [
+            exe,
+            "server",
+            "-dev",
+            "-dev-tls",
+            f"-dev-tls-cert-dir={certs}",
+            f"-dev-root-token-id={token}",
+            f"-dev-listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ca = certs / "vault-ca.pem"
+    try:
+        wait_for(lambda: ca.exists() and port_open("127.0.0.1", port), what="bao with TLS")
+        yield Bao(f"https://127.0.0.1:{port}", token, proc), ca
     finally:
         stop(proc)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import traceback
 from dataclasses import replace
+from pathlib import Path
 
 import hvac
 import pytest
@@ -124,3 +126,20 @@ async def test_sealed_vault_loses_nothing_and_recovers(
     assert await proxy.get(device) == material  # what was stored before the outage is intact
     info = await operator.put(device, material, {"n": "2"})  # the retry goes through
     assert dict(info.metadata) == {"n": "2"}
+
+
+async def test_tls_vault_with_its_ca_bundle(
+    tls_bao: tuple[Bao, Path], device: ObjectRef, material: KeyMaterial
+) -> None:
+    server, ca = tls_bao
+    root = hvac.Client(url=server.url, token=server.token, verify=str(ca))
+    await asyncio.to_thread(bootstrap, root)
+    cfg = VaultConfig(address=server.url, token=make_token(root, OPERATOR_POLICY), ca_bundle=ca)
+    await VaultKeyStore(cfg).put(device, material, {})
+    proxy = VaultKeyStore(replace(cfg, token=make_token(root, PROXY_POLICY)))
+    assert await proxy.get(device) == material
+
+    # Without the CA the server is not trusted: nothing is sent, and the error says why.
+    with pytest.raises(TransientError) as err:
+        await VaultKeyStore(replace(cfg, ca_bundle=None)).describe(device)
+    assert err.value.reason == "VaultTLSFailed"
