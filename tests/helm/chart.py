@@ -91,6 +91,11 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "networkPolicy": {"vault": {"cidrs": ["203.0.113.10/32"]}},
         "global": {"imageRegistry": "registry.example.net/mirror"},
     },
+    # One fleet namespace: operator and proxy both limited to it by Roles.
+    "one-namespace": {
+        "operator": {"watchNamespaces": ["fleet"]},
+        "proxy": {"autoscaling": {"enabled": True}, "podDisruptionBudget": {"maxUnavailable": "25%"}},
+    },
     # Only the Cloud Account Manager (devices use another proxy), plain MQTT only, no policies.
     "operator-only": {
         "proxy": {"enabled": False},

@@ -13,6 +13,7 @@ import pytest
 from cloudconnector.keystore.vault_config import AuthMethod, VaultConfig
 from cloudconnector.operator.config import OperatorConfig
 from cloudconnector.proxy import config as proxy_config
+from cloudconnector.proxy import main as proxy_main
 from tests.helm.chart import REPO, Rendered, env_of
 
 PROXY = "cc-cloud-connector-proxy"
@@ -103,3 +104,22 @@ def test_vault_settings_parse(renderings: dict[str, Rendered]) -> None:
 
     jwt = VaultConfig.from_env(_env(renderings["operator-only"], OPERATOR))
     assert (jwt.auth, jwt.login_mount) == (AuthMethod.JWT, "jwt-k8s")
+
+
+def test_proxy_watches_what_its_rbac_allows(
+    rendered: Rendered, scenario: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not any(d["metadata"]["name"] == PROXY for d in rendered.of_kind("Deployment")):
+        pytest.skip("this value set installs no proxy")
+    container = rendered.one("Deployment", PROXY)["spec"]["template"]["spec"]["containers"][0]
+    # The container's own environment and arguments, through the proxy's own parser.
+    for name, value in _env(rendered, PROXY).items():
+        monkeypatch.setenv(name, value)
+    _, args = proxy_main.parse_args(container.get("args", []))
+    roles = [r for r in rendered.of_kind("Role") if r["metadata"]["name"] == PROXY]
+    cluster_roles = [r for r in rendered.of_kind("ClusterRole") if r["metadata"]["name"] == PROXY]
+    if args.namespace is None:
+        assert len(cluster_roles) == 1 and roles == []
+    else:
+        assert cluster_roles == [] and [r["metadata"]["namespace"] for r in roles] == [args.namespace]
+    assert args.log_level == "info"
