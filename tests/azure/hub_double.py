@@ -66,6 +66,7 @@ class HubDouble:
         self.devices: dict[str, dict[str, Any]] = {}
         self.calls: list[Call] = []
         self._throttle = 0
+        self._changed_behind: set[str] = set()
         self._etag_counter = 0
         self._server_cert = ca.issue("localhost", hosts=("127.0.0.1", "localhost"))
         self.port = free_port()
@@ -77,6 +78,10 @@ class HubDouble:
 
     def throttle(self, count: int) -> None:
         self._throttle = count
+
+    def change_behind_the_back(self, device_id: str) -> None:
+        """Another writer updates the device just before our next If-Match write reaches it."""
+        self._changed_behind.add(device_id)
 
     def thumbprints(self, device_id: str) -> tuple[str | None, str | None]:
         x509 = self.devices[device_id]["authentication"]["x509Thumbprint"]
@@ -150,6 +155,10 @@ class HubDouble:
             return _error(412, "PreconditionFailed", "device does not exist")
         if current is not None and if_match is None:
             return _error(409, "DeviceAlreadyExists", f"a device with id {device_id} already exists")
+        if current is not None and device_id in self._changed_behind:
+            self._changed_behind.discard(device_id)
+            self._etag_counter += 1
+            current["etag"] = base64.b64encode(f"{self._etag_counter}".encode()).decode()
         if current is not None and not _etag_matches(if_match or "", current["etag"]):
             return _error(412, "PreconditionFailed", "etag mismatch")
         auth = body.get("authentication") or {}

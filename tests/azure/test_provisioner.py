@@ -296,3 +296,57 @@ async def test_adopt_manual_certificate(
             await prov.adopt(unregistered, KeyMaterial(cert_pem, key_pem), {}, Recorder(), keys)
     finally:
         await prov.aclose()
+
+
+async def test_update_retries_after_a_concurrent_change(
+    hub: HubDouble, azure_ca: CA, keys: VaultKeyStore
+) -> None:
+    device = new_device()
+    prov = _provisioner(hub, azure_ca)
+    progress: Progress = {}
+    try:
+        await prov.provision(device, progress, Recorder(), keys)
+        hub.change_behind_the_back(device.cloud_id)
+        new = await prov.rotate(device, progress, Recorder(), keys)
+    finally:
+        await prov.aclose()
+    assert 412 in [c.status for c in hub.calls if c.method == "PUT"]
+    assert hub.thumbprints(device.cloud_id) == (new.thumbprint, new.thumbprint)
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("crash_at", [0, 1, 2])
+async def test_rotation_resumes_after_a_crash_at_any_step(
+    hub: HubDouble, azure_ca: CA, keys: VaultKeyStore, key_reader: VaultKeyStore, crash_at: int
+) -> None:
+    device = new_device()
+    prov = _provisioner(hub, azure_ca)
+    progress: Progress = {}
+    saved: list[Progress] = []
+    seen = 0
+
+    async def crashing(p: Progress) -> None:
+        nonlocal seen
+        saved.append(dict(p))  # persisted, then the process dies
+        seen += 1
+        if seen - 1 == crash_at:
+            raise Crash
+
+    try:
+        old = await prov.provision(device, progress, Recorder(), keys)
+        with pytest.raises(Crash):
+            await prov.rotate(device, progress, crashing, keys)
+        # whatever the moment, the hub accepts the certificate the proxy would read now
+        stored = cert_info((await key_reader.get(device.ref)).certificate_pem).sha256
+        assert stored in hub.thumbprints(device.cloud_id)
+        resumed = dict(saved[-1])
+        new = await prov.rotate(device, resumed, Recorder(), keys)
+    finally:
+        await prov.aclose()
+    stored = cert_info((await key_reader.get(device.ref)).certificate_pem).sha256
+    assert new.thumbprint == stored != old.thumbprint
+    assert hub.thumbprints(device.cloud_id) == (stored, stored)
+    assert "rotation" not in resumed
