@@ -432,3 +432,47 @@ def test_rotation_keeps_the_session_and_new_connections_use_the_new_cert(
     assert again.connect(world.proxy.ports["mqtt"]) == 0
     again.publish("/reconnected", b"new cert")
     assert backend.receive().topic == f"devices/{did}/messages/events/reconnected"
+
+
+def test_too_long_topic_ends_the_session(world: AzureWorld, peers: list[Peer]) -> None:
+    dev = world.add()
+    device = device_peer(world, dev, peers)
+    assert device.connect(world.proxy.ports["mqtt"]) == 0
+    device.c.publish("/" + "x" * 5000, b"x", qos=0)
+    device.closed.get(timeout=10)
+
+
+def test_unsubscribe_stops_delivery(world: AzureWorld, backend: Peer, peers: list[Peer]) -> None:
+    dev = world.add()
+    did = dev.route.client_id
+    device = device_peer(world, dev, peers)
+    assert device.connect(world.proxy.ports["mqtt"]) == 0
+    device.subscribe("/a/+", 1)
+    device.subscribe("/b", 1)
+    device.c.unsubscribe("/a/+")
+    backend.publish(f"devices/{did}/messages/devicebound/a-x", b"dropped", qos=1)
+    backend.publish(f"devices/{did}/messages/devicebound/b", b"kept", qos=1)
+    got = device.receive()  # the unsubscribed one never arrives, the later one does
+    assert (got.topic, got.payload) == ("/b", b"kept")
+
+
+def test_deletion_removes_the_identity_and_ends_the_session(world: AzureWorld, peers: list[Peer]) -> None:
+    dev = world.add()
+    did = dev.route.client_id
+    device = device_peer(world, dev, peers)
+    assert device.connect(world.proxy.ports["mqtt"]) == 0
+
+    async def delete() -> None:
+        prov = world.provisioner()
+        try:
+            await prov.deprovision(dev.device, dev.progress, _noop)
+        finally:
+            await prov.aclose()
+        await world.writer.delete(dev.device.ref)
+        world.directory.remove(dev.device.ref)  # what the operator's status change does
+
+    world.loop.run(delete())
+    assert did not in world.hub.devices
+    device.closed.get(timeout=10)
+    again = device_peer(world, dev, peers)
+    assert again.connect(world.proxy.ports["mqtt"]) == 135  # not authorized: unknown device
