@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import sqlite3
@@ -183,3 +184,12 @@ async def test_master_key_from_the_environment(tmp_path: Path, material: KeyMate
     again = EmbeddedKeyStore.open(tmp_path / "keys.db", env=env)
     assert await again.reader().get(ONE) == material
     assert not key_files(tmp_path)
+
+
+async def test_concurrent_writers_and_readers(store: EmbeddedKeyStore, material: KeyMaterial) -> None:
+    devices = [ObjectRef("burst", f"dev-{i}") for i in range(30)]
+    await asyncio.gather(*(store.put(d, material, {"n": d.name}) for d in devices))
+    reader = store.reader()
+    assert all(m == material for m in await asyncio.gather(*(reader.get(d) for d in devices)))
+    infos = await asyncio.gather(*(store.describe(d) for d in devices))
+    assert [i.metadata["n"] for i in infos if i] == [d.name for d in devices]
