@@ -49,7 +49,7 @@ def broker_config(port: int, d: Path, crl: Path | None = None) -> str:
         # Started as root, mosquitto would switch to its own user and lose the 0600 key files.
         f"user {pwd.getpwuid(os.getuid()).pw_name}",
         "allow_anonymous false",
-        "log_dest stdout",
+        f"log_dest file {d / f'broker-{port}.log'}",  # flushed per line, unlike stdout
         "log_type all",
         "connection_messages true",
         f"acl_file {d / 'acl'}",
@@ -335,4 +335,5 @@ def recv_all(s: socket.socket, limit: float = 10) -> bytes:
 
 
 def broker_log(broker: Mosquitto) -> str:
-    return broker.log.read_text(errors="replace")
+    path = Path(broker.conf.read_text().split("log_dest file ", 1)[1].split("\n", 1)[0])
+    return path.read_text(errors="replace") if path.exists() else ""
