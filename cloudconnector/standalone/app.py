@@ -63,11 +63,13 @@ async def standalone(
         yield Standalone(runner, store, keys, directory, pool)
     finally:
         await pool.aclose()
-        closer = getattr(keys.closer, "close", None)
-        if closer is not None:
-            result = closer()
-            if asyncio.iscoroutine(result):
-                await result
+        closers = keys.closer if isinstance(keys.closer, tuple) else (keys.closer,)
+        for closer in dict.fromkeys(c for c in closers if c is not None):
+            close = getattr(closer, "close", None)
+            if close is not None:
+                result = close()
+                if asyncio.iscoroutine(result):
+                    await result
         store.close()
 
 
