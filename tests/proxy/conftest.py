@@ -328,7 +328,10 @@ def recv_all(s: socket.socket, limit: float = 10) -> bytes:
     s.settimeout(limit)
     out = b""
     while True:
-        chunk = s.recv(4096)
+        try:
+            chunk = s.recv(4096)
+        except ConnectionResetError:  # closed with our bytes unread: a reset, still a close
+            return out
         if not chunk:
             return out
         out += chunk

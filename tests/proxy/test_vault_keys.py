@@ -1,0 +1,63 @@
+"""The proxy reading credentials from OpenBao with its read-only role (the real key store)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+
+import hvac
+import pytest
+
+from cloudconnector.keystore.base import KeyMaterial
+from cloudconnector.keystore.vault import VaultKeyStore
+from cloudconnector.keystore.vault_config import VaultConfig
+from cloudconnector.keystore.vault_setup import OPERATOR_POLICY, PROXY_POLICY, bootstrap
+from cloudconnector.proxy.server import Proxy
+from tests.proxy.conftest import Client, Pki, World, proxy_config
+from tests.support.procs import Bao
+
+
+def token(root: hvac.Client, policy: str) -> str:
+    return str(
+        root.auth.token.create(policies=[policy], no_default_policy=True, ttl="1h")["auth"]["client_token"]
+    )
+
+
+@pytest.fixture
+def stores(bao: Bao) -> Iterator[tuple[VaultKeyStore, VaultKeyStore]]:
+    root = hvac.Client(url=bao.url, token=bao.token)
+    bootstrap(root)
+    writer = VaultKeyStore(VaultConfig(address=bao.url, token=token(root, OPERATOR_POLICY)))
+    reader = VaultKeyStore(VaultConfig(address=bao.url, token=token(root, PROXY_POLICY)))
+    yield writer, reader
+    writer.close()
+    reader.close()
+
+
+async def test_device_connects_with_credentials_from_vault(
+    pki: Pki,
+    world: World,
+    admin: Client,
+    stores: tuple[VaultKeyStore, VaultKeyStore],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    writer, reader = stores
+    route = world.add()
+    material: KeyMaterial = world.keys.items[route.device]
+    await writer.put(route.device, material, {"certificateId": route.certificate_id})
+    proxy = Proxy(proxy_config(pki), world.directory, reader)
+    async with proxy:
+        admin.subscribe(f"{route.client_id}/#", 1)
+        dev = Client("d", bind=route.ip or "")
+        try:
+            assert await asyncio.to_thread(dev.connect, proxy.ports["mqtt"]) == 0
+            await asyncio.to_thread(dev.publish, f"{route.client_id}/up", b"via vault", 1)
+            got = await asyncio.to_thread(admin.expect)
+            assert got.payload == b"via vault"
+        finally:
+            await asyncio.to_thread(dev.close)
+    assert proxy.metrics.key_fetch._sum.get() > 0  # the Vault read was timed
+    key_text = material.private_key_pem.decode()
+    assert "PRIVATE KEY" not in caplog.text and key_text not in caplog.text
