@@ -58,6 +58,11 @@ class SecretsView:
     def __init__(self) -> None:
         self.data: dict[tuple[str, str], dict[str, str]] = {}
 
+    def update(self, secrets: Mapping[tuple[str, str], dict[str, str]]) -> None:
+        """Take the Secrets now in DIR. One removed from DIR is still remembered (in memory only)
+        so that removing an Endpoint's files together can still deprovision its devices."""
+        self.data = {**self.data, **secrets}
+
     async def read(self, namespace: str, name: str) -> Mapping[str, bytes] | None:
         found = self.data.get((namespace, name))
         return None if found is None else {k: v.encode() for k, v in found.items()}
@@ -126,7 +131,7 @@ class Runner:
         result = PassResult(errors=list(snap.errors))
         for error in snap.errors:
             logger.error("%s", error)
-        self.secrets.data = dict(snap.secrets)
+        self.secrets.update(snap.secrets)
         wanted = {m.key for m in snap.manifests}
         for manifest in snap.manifests:
             self.store.apply(manifest.kind, manifest.body, manifest.source)
