@@ -84,3 +84,17 @@ def test_objects_are_namespaced_to_the_release(rendered: Rendered) -> None:
 def test_names_are_unique(rendered: Rendered) -> None:
     keys = [(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) for o in rendered.objects]
     assert len(keys) == len(set(keys))
+
+
+def test_longest_release_name_gives_valid_names(chart: helm_python.Chart) -> None:
+    release = "r" * 53  # Helm's limit for release names
+    helm_python.validate_release_name(release)
+    manifests = chart.render({}, name=release, namespace=NAMESPACE, is_install=True)
+    objects = [
+        d for path, text in manifests.items() if path.endswith(".yaml") for d in yaml.safe_load_all(text) if d
+    ]
+    assert objects
+    for obj in objects:
+        # Services and label values are DNS labels: at most 63 characters.
+        assert len(obj["metadata"]["name"]) <= 63, obj["metadata"]["name"]
+        assert all(len(v) <= 63 for v in obj["metadata"]["labels"].values()), obj["metadata"]["name"]
