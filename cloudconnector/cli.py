@@ -101,7 +101,11 @@ def _run(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from cloudconnector.demo.main import run_demo
 
-    return asyncio.run(run_demo(devices=args.devices, messages=args.messages, keep=args.keep))
+    try:
+        return asyncio.run(run_demo(devices=args.devices, messages=args.messages, keep=args.keep))
+    except RuntimeError as e:  # a stand-in could not start (mosquitto missing, port taken, ...)
+        print(f"demo: {e}", file=sys.stderr)
+        return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

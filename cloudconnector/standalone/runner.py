@@ -24,7 +24,13 @@ from cloudconnector.core.endpoint import READY as ENDPOINT_READY
 from cloudconnector.core.endpoint import Usage, check_endpoint
 from cloudconnector.core.group import group_status
 from cloudconnector.core.provisioners import ProvisionerPool
-from cloudconnector.errors import ConnectorError, CredentialsError, PermanentError, TransientError
+from cloudconnector.errors import (
+    ConnectorError,
+    CredentialsError,
+    InvalidSpec,
+    PermanentError,
+    TransientError,
+)
 from cloudconnector.keystore.base import KeyWriter
 from cloudconnector.model import Device, Endpoint, ObjectRef, parse_device, parse_endpoint, parse_group
 from cloudconnector.routes import Route, build_route
@@ -34,6 +40,7 @@ from cloudconnector.standalone.store import StateStore, StoredObject
 logger = logging.getLogger(__name__)
 
 CREDENTIALS_RETRY = 60.0
+IDLE_RECHECK = 60.0  # re-check Endpoints and retry failures this often even if DIR is unchanged
 
 RoutesSink = Callable[[list[Route]], None]
 DeviceSink = Callable[[ObjectRef, Mapping[str, Any]], None]
@@ -201,8 +208,12 @@ class Runner:
             else None
         )
         endpoint = parse_endpoint(endpoint_obj.body) if endpoint_obj is not None else None
-        # The thing name carries the prefix of the Endpoint it is made at, as in the operator.
-        device = parse_device(obj.body, thing_prefix=_prefix(endpoint))
+        try:
+            # The thing name carries the prefix of the Endpoint it is made at, as in the operator.
+            device = parse_device(obj.body, thing_prefix=_prefix(endpoint))
+        except InvalidSpec as e:
+            result.failed[str(obj.ref)] = str(e)
+            return
         ready = endpoint_obj is not None and endpoint_obj.status.get("phase") == ENDPOINT_READY
         async with self._semaphore:
             await self._guard(
@@ -221,10 +232,15 @@ class Runner:
 
     async def _finalize(self, obj: StoredObject, result: PassResult) -> None:
         holder = obj.status.get("endpoint")
-        device = parse_device(
-            obj.body,
-            thing_prefix=_prefix(self._lookup_endpoint(obj.ref.namespace, holder) if holder else None),
-        )
+        try:
+            device = parse_device(
+                obj.body,
+                thing_prefix=_prefix(self._lookup_endpoint(obj.ref.namespace, holder) if holder else None),
+            )
+        except InvalidSpec:
+            # Never parsed, so never provisioned: nothing at the cloud, nothing stored.
+            self.store.delete(api.KIND_DEVICE, obj.ref)
+            return
         async with self._semaphore:
             done = await self._guard(
                 device,
@@ -334,8 +350,17 @@ class Runner:
             signature = _signature(self.directory)
             if signature != last or time.monotonic() >= due:
                 last = signature
-                result = await self.reconcile()
-                due = time.monotonic() + (result.retry_in if result.retry_in is not None else 60.0)
+                due = time.monotonic() + IDLE_RECHECK
+                try:
+                    result = await self.reconcile()
+                except ConnectorError as e:  # e.g. DIR vanished: say so, keep what exists, retry
+                    logger.error("%s", e)
+                    continue
+                except Exception:  # a bug must not take the proxy down with it
+                    logger.exception("reconcile pass failed")
+                    continue
+                if result.retry_in is not None:
+                    due = time.monotonic() + result.retry_in
             await asyncio.sleep(interval)
 
 
