@@ -350,3 +350,15 @@ async def test_rotation_resumes_after_a_crash_at_any_step(
     assert new.thumbprint == stored != old.thumbprint
     assert hub.thumbprints(device.cloud_id) == (stored, stored)
     assert "rotation" not in resumed
+
+
+async def test_factory_builds_the_azure_provisioner(hub: HubDouble, azure_ca: CA) -> None:
+    from cloudconnector.clouds.factory import make_provisioner
+
+    endpoint = azure_endpoint(hub, azure_ca.cert_pem)
+    prov = make_provisioner(endpoint, {"connectionString": hub.connection_string()}, RateLimiter(10))
+    try:
+        assert isinstance(prov, AzureIotHubProvisioner)
+        assert (await prov.check()).host == HUB_HOST
+    finally:
+        await prov.aclose()
