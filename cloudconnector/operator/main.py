@@ -3,7 +3,7 @@
 Wires kopf to the cluster (``kopf.on.login``), to Vault (``VaultKeyStore`` from its environment
 variables) and to the clouds (``clouds.factory.make_provisioner``), then runs the handlers of
 :mod:`cloudconnector.operator.handlers`. kopf keeps its own bookkeeping in annotations under
-``cloudconnector.io`` so that ``status`` holds only the fields the CRDs document.
+``kopf.cloudconnector.io`` so that ``status`` holds only the fields the CRDs document.
 """
 
 from __future__ import annotations
@@ -75,9 +75,12 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
     settings.persistence.finalizer = api.FINALIZER
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=f"kopf.{api.GROUP}")
+    # kopf ignores every annotation under the prefix of its own storage when diffing, so that
+    # prefix must not be cloudconnector.io: the rotate annotation lives there and must count.
+    prefix = f"kopf.{api.GROUP}"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=api.GROUP, key="last-handled-configuration"
+        prefix=prefix, key="last-handled-configuration"
     )
     settings.persistence.consistency_timeout = config.consistency_timeout
     settings.posting.level = logging.INFO
