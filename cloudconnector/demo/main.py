@@ -33,6 +33,7 @@ from cloudconnector.demo.standins import run_broker, run_moto
 from cloudconnector.keystore.base import KeyMaterial
 from cloudconnector.routes import Route
 from cloudconnector.standalone.app import Standalone, standalone
+from cloudconnector.standalone.keys import open_key_stores
 from cloudconnector.standalone.serve import proxy_server
 from cloudconnector.standalone.store import StoredObject
 
@@ -53,6 +54,8 @@ def _say(text: str) -> None:
 def _workdir(keep: str | None) -> Iterator[Path]:
     if keep:
         path = Path(keep)
+        for part in ("manifests", "state", "broker"):  # a previous run's moto is gone with its state
+            shutil.rmtree(path / part, ignore_errors=True)
         path.mkdir(parents=True, exist_ok=True)
         yield path
         return
@@ -71,9 +74,11 @@ def _cloud_inventory(moto_url: str) -> tuple[int, int]:
         aws_access_key_id="demo",
         aws_secret_access_key="demo",  # noqa: S106 - moto accepts any key
     )
-    things = iot.list_things().get("things", [])
-    certificates = iot.list_certificates().get("certificates", [])
-    return len(things), len(certificates)
+    things = sum(len(page.get("things", [])) for page in iot.get_paginator("list_things").paginate())
+    certificates = sum(
+        len(page.get("certificates", [])) for page in iot.get_paginator("list_certificates").paginate()
+    )
+    return things, certificates
 
 
 Check = tuple[str, bool, str]
@@ -110,8 +115,14 @@ async def run_demo(devices: int = 50, messages: int = 5, keep: str | None = None
         demo = Demo(devices, messages, workdir, moto_url, DemoCA())
         write_manifests(demo.manifests, moto_url, demo.ca.cert_pem, devices)
         bar = ProgressBar(devices)
+        # Always the embedded key store, whatever VAULT_ADDR the user's shell has.
+        keys = open_key_stores(workdir / "state", env={})
         async with standalone(
-            demo.manifests, workdir / "state", on_device=bar.update, route_transform=demo.to_listener
+            demo.manifests,
+            workdir / "state",
+            on_device=bar.update,
+            route_transform=demo.to_listener,
+            keys=keys,
         ) as sa:
             ready = await _provision(demo, sa, bar)
             if ready:
