@@ -43,7 +43,7 @@ CREDENTIAL_CODES = frozenset(
         "AuthFailure",
     }
 )
-# The request was not carried out; the same request may succeed later.
+# The request was refused before it was carried out; the same request may succeed later.
 THROTTLE_CODES = frozenset(
     {
         "ThrottlingException",
@@ -51,6 +51,11 @@ THROTTLE_CODES = frozenset(
         "TooManyRequestsException",
         "RequestLimitExceeded",
         "LimitExceededException",
+    }
+)
+# The service failed: the request may or may not have been carried out.
+UNAVAILABLE_CODES = frozenset(
+    {
         "ServiceUnavailableException",
         "ServiceUnavailable",
         "InternalFailureException",
@@ -101,7 +106,16 @@ def http_status(e: ClientError) -> int:
 def is_throttled(e: BaseException) -> bool:
     if not isinstance(e, ClientError):
         return False
-    return error_code(e) in THROTTLE_CODES or http_status(e) in (429, 500, 502, 503, 504)
+    return error_code(e) in THROTTLE_CODES or http_status(e) == 429
+
+
+def is_unavailable(e: BaseException) -> bool:
+    """A server-side failure, or no answer at all: the call may have taken effect."""
+    if isinstance(e, BotoCoreError):
+        return not isinstance(e, NoCredentialsError | PartialCredentialsError)
+    if not isinstance(e, ClientError):
+        return False
+    return error_code(e) in UNAVAILABLE_CODES or http_status(e) in (500, 502, 503, 504)
 
 
 def is_rejected_credentials(e: ClientError) -> bool:
@@ -128,13 +142,11 @@ def translate(operation: str, e: Exception) -> Exception:
             "wrong, expired or revoked, or lack the IoT permission for this call"
         )
     if is_throttled(e):
-        return TransientError(
-            f"AWS IoT {operation} is throttled ({code}); retrying later", reason="Throttled"
-        )
+        return TransientError(f"AWS IoT {operation} is throttled ({code})", reason="Throttled")
+    if is_unavailable(e):
+        return TransientError(f"AWS IoT {operation} failed at AWS ({code})", reason="Unavailable")
     if code in SETTLING_CODES:
-        return TransientError(
-            f"AWS IoT {operation} is not possible yet ({code})", reason="Settling", delay=2.0
-        )
+        return TransientError(f"AWS IoT {operation} cannot run yet ({code})", reason="Settling", delay=2)
     if code == "ResourceNotFoundException":
         return AwsNotFound(f"AWS IoT {operation}: resource not found")
     if code == "ResourceAlreadyExistsException":
@@ -191,14 +203,15 @@ class IotApi:
         operation: str,
         *,
         tolerate: Collection[type[Exception]] = (),
-        retry_network: bool = True,
+        idempotent: bool = True,
         **params: Any,
     ) -> dict[str, Any]:
         """Run one API call; errors of a ``tolerate``d class become an empty answer.
 
-        ``retry_network=False`` is for calls that create something each time they run: after a
-        lost answer, a second attempt would create a second resource, so the caller's resume
-        logic deals with it instead.
+        ``idempotent=False`` is for calls that create something each time they run: after a
+        failure that may have taken effect (a 5xx, a lost answer) a second attempt could create
+        a second resource, so only plain throttling is retried and the caller's resume logic
+        deals with the rest.
         """
         method = getattr(self._client, operation)
 
@@ -207,7 +220,7 @@ class IotApi:
             return result
 
         def retry_on(e: BaseException) -> bool:
-            return is_throttled(e) or (retry_network and isinstance(e, BotoCoreError) and _is_network(e))
+            return is_throttled(e) or (idempotent and is_unavailable(e))
 
         try:
             return await with_backoff(
@@ -219,7 +232,7 @@ class IotApi:
             )
         except (ClientError, BotoCoreError) as e:
             err = translate(_camel(operation), e)
-            if isinstance(err, TransientError) and err.reason in ("Throttled", "Unreachable"):
+            if isinstance(err, TransientError) and err.reason in ("Throttled", "Unavailable", "Unreachable"):
                 err.delay = self.retry.give_up_delay
             if any(isinstance(err, t) for t in tolerate):
                 return {}
@@ -227,10 +240,6 @@ class IotApi:
 
     def close(self) -> None:
         self._client.close()
-
-
-def _is_network(e: BotoCoreError) -> bool:
-    return not isinstance(e, NoCredentialsError | PartialCredentialsError)
 
 
 def _camel(operation: str) -> str:

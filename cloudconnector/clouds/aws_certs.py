@@ -145,8 +145,8 @@ class Certificates:
     async def _create(self, c: Slot, journal: Journal) -> KeyMaterial:
         c["requestedAt"] = now_iso()
         await journal.save()
-        # No network retry: a lost answer would mean a second certificate (the sweep's job).
-        resp = await self._api.call("create_keys_and_certificate", setAsActive=False, retry_network=False)
+        # Not retried after a failure that may have taken effect: that certificate is the sweep's.
+        resp = await self._api.call("create_keys_and_certificate", setAsActive=False, idempotent=False)
         self._fresh.add(resp["certificateId"])
         material = KeyMaterial(
             certificate_pem=resp["certificatePem"],
@@ -175,7 +175,7 @@ class Certificates:
                 "register_certificate_without_ca",
                 certificatePem=supplied.certificate_pem,
                 status="INACTIVE",
-                retry_network=False,
+                idempotent=False,
             )
             cert_id, arn, owned = resp["certificateId"], resp["certificateArn"], True
         except AwsAlreadyExists as e:

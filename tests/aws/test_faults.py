@@ -14,6 +14,8 @@ from cloudconnector.errors import CredentialsError, TransientError
 from tests.aws.conftest import Recorder, fake_credentials, iot_inventory, make_device
 from tests.support.faults import (
     EXPIRED_TOKEN,
+    INTERNAL_FAILURE,
+    SERVICE_UNAVAILABLE,
     THROTTLING,
     THROTTLING_429,
     UNRECOGNIZED_CLIENT,
@@ -115,3 +117,30 @@ async def test_rate_limit_paces_devices(
     # No one-second window holds more than the burst plus ten.
     for i in range(len(starts) - 11):
         assert starts[i + 11] - starts[i] >= 0.95
+
+
+async def test_lost_answer_to_create_keys_is_swept_on_retry(
+    make_provisioner: Any, proxy: FaultProxy, iot: Any, keys: Any, namespace: str
+) -> None:
+    """AWS made the certificate but its answer was a 500: not retried blindly (that would make
+    a second one); the next attempt deletes the orphan and makes exactly one."""
+    prov = make_provisioner(proxy.url)
+    device = make_device(namespace, 1)
+    proxy.arm(INTERNAL_FAILURE, first=1, path="/keys-and-certificate", after_upstream=True)
+    rec = Recorder()
+    with pytest.raises(TransientError) as caught:
+        await prov.provision(device, {}, rec, keys)
+    assert caught.value.reason == "Unavailable"
+    assert proxy.faulted == 1
+    assert len(iot_inventory(iot)["certs"]) == 1  # the orphan
+    ident = await prov.provision(device, rec.last, Recorder(), keys)
+    assert iot_inventory(iot)["certs"] == {ident.certificate_id: "ACTIVE"}
+
+
+async def test_service_unavailable_on_idempotent_calls_is_retried(
+    make_provisioner: Any, proxy: FaultProxy, iot: Any, keys: Any, namespace: str
+) -> None:
+    proxy.arm(SERVICE_UNAVAILABLE, first=4, path="/things/")
+    ident = await make_provisioner(proxy.url).provision(make_device(namespace, 1), {}, Recorder(), keys)
+    assert proxy.faulted == 4
+    assert iot_inventory(iot)["certs"] == {ident.certificate_id: "ACTIVE"}

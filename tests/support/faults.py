@@ -36,6 +36,8 @@ UNRECOGNIZED_CLIENT = Fault(
     403, "UnrecognizedClientException", "The security token included in the request is invalid."
 )
 EXPIRED_TOKEN = Fault(403, "ExpiredTokenException", "The security token included in the request is expired")
+SERVICE_UNAVAILABLE = Fault(503, "ServiceUnavailableException", "Service Unavailable")
+INTERNAL_FAILURE = Fault(500, "InternalFailureException", "An unexpected error has occurred")
 
 
 @dataclass(frozen=True)
@@ -51,20 +53,26 @@ class Seen:
 
 @dataclass
 class FaultPlan:
-    """Which requests get ``fault``: the first ``first`` ones, then a ``fraction`` of the rest."""
+    """Which requests get ``fault``: the first ``first`` ones, then a ``fraction`` of the rest.
+
+    ``path`` limits the plan to requests whose path starts with it. ``after_upstream`` forwards the
+    request first and replaces the answer: the call took effect but the client never learns it.
+    """
 
     fault: Fault | None = None
     first: int = 0
     fraction: float = 0.0
     seed: int = 7
+    path: str = "/"
+    after_upstream: bool = False
     _rng: random.Random = field(init=False, repr=False)
     _faulted: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
 
-    def pick(self) -> Fault | None:
-        if self.fault is None:
+    def pick(self, path: str) -> Fault | None:
+        if self.fault is None or not path.startswith(self.path):
             return None
         if self._faulted < self.first or self._rng.random() < self.fraction:
             self._faulted += 1
@@ -83,8 +91,17 @@ class FaultProxy:
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
 
-    def arm(self, fault: Fault, *, first: int = 0, fraction: float = 0.0, seed: int = 7) -> None:
-        self.plan = FaultPlan(fault, first, fraction, seed)
+    def arm(
+        self,
+        fault: Fault,
+        *,
+        first: int = 0,
+        fraction: float = 0.0,
+        seed: int = 7,
+        path: str = "/",
+        after_upstream: bool = False,
+    ) -> None:
+        self.plan = FaultPlan(fault, first, fraction, seed, path, after_upstream)
 
     def disarm(self) -> None:
         self.plan = FaultPlan()
@@ -116,18 +133,10 @@ class FaultProxy:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         arrived = time.monotonic()
         body = await request.read()
-        fault = self.plan.pick()
-        if fault is not None:
+        fault = self.plan.pick(request.path)
+        if fault is not None and not self.plan.after_upstream:
             self.seen.append(Seen(arrived, request.method, request.path, fault.status, True))
-            return web.Response(
-                status=fault.status,
-                body=json.dumps({"message": fault.message}).encode(),
-                headers={
-                    "Content-Type": "application/json",
-                    "x-amzn-ErrorType": f"{fault.code}:http://internal.amazon.com/coral/com.amazon.iot/",
-                    "x-amzn-RequestId": str(uuid.uuid4()),
-                },
-            )
+            return _error(fault)
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _SKIP}
         async with self._session.request(
@@ -139,5 +148,20 @@ class FaultProxy:
         ) as upstream:
             payload = await upstream.read()
             out = {k: v for k, v in upstream.headers.items() if k.lower() not in _SKIP}
-            self.seen.append(Seen(arrived, request.method, request.path, upstream.status, False))
-            return web.Response(status=upstream.status, body=payload, headers=out)
+        if fault is not None:  # done upstream, answer lost
+            self.seen.append(Seen(arrived, request.method, request.path, fault.status, True))
+            return _error(fault)
+        self.seen.append(Seen(arrived, request.method, request.path, upstream.status, False))
+        return web.Response(status=upstream.status, body=payload, headers=out)
+
+
+def _error(fault: Fault) -> web.Response:
+    return web.Response(
+        status=fault.status,
+        body=json.dumps({"message": fault.message}).encode(),
+        headers={
+            "Content-Type": "application/json",
+            "x-amzn-ErrorType": f"{fault.code}:http://internal.amazon.com/coral/com.amazon.iot/",
+            "x-amzn-RequestId": str(uuid.uuid4()),
+        },
+    )
