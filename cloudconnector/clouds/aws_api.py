@@ -67,6 +67,42 @@ SETTLING_CODES = frozenset({"DeleteConflictException", "CertificateStateExceptio
 
 CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
+# Every IoT action the provisioner may call: the IAM policy for the Endpoint's API keys.
+REQUIRED_IAM_ACTIONS = tuple(
+    f"iot:{a}"
+    for a in (
+        "DescribeEndpoint",
+        "DescribeThing",
+        "CreateThing",
+        "DeleteThing",
+        "CreatePolicy",
+        "GetPolicy",
+        "CreatePolicyVersion",
+        "ListPolicyVersions",
+        "DeletePolicyVersion",
+        "DeletePolicy",
+        "CreateKeysAndCertificate",
+        "RegisterCertificateWithoutCA",
+        "UpdateCertificate",
+        "DeleteCertificate",
+        "ListCertificates",
+        "AttachPolicy",
+        "DetachPolicy",
+        "AttachThingPrincipal",
+        "DetachThingPrincipal",
+        "ListPrincipalThings",
+        "ListAttachedPolicies",
+    )
+)
+
+
+def iam_policy_document() -> dict[str, Any]:
+    """The least IAM policy the Endpoint's API keys need (for docs and set-up scripts)."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": list(REQUIRED_IAM_ACTIONS), "Resource": "*"}],
+    }
+
 
 class AwsNotFound(PermanentError):
     """The named resource does not exist (any more); deleters treat it as success."""
@@ -197,6 +233,7 @@ class IotApi:
             max_pool_connections=32,
         )
         self._client = session.client("iot", endpoint_url=endpoint_url, config=config)
+        self.used: set[str] = set()  # IAM action names called so far (see REQUIRED_IAM_ACTIONS)
 
     async def call(
         self,
@@ -214,6 +251,7 @@ class IotApi:
         deals with the rest.
         """
         method = getattr(self._client, operation)
+        self.used.add(f"iot:{self._client.meta.method_to_api_mapping[operation]}")
 
         async def attempt() -> dict[str, Any]:
             result: dict[str, Any] = await asyncio.to_thread(method, **params)

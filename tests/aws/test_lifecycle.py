@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from cloudconnector.clouds.aws_api import REQUIRED_IAM_ACTIONS, iam_policy_document
 from cloudconnector.clouds.certs import self_signed
 from cloudconnector.keystore.base import KeyMaterial
 from tests.aws.conftest import Recorder, iot_inventory, make_device
@@ -136,3 +137,24 @@ async def test_adopt_of_an_already_registered_certificate_never_deletes_it(
     inv = iot_inventory(iot)
     assert inv["certs"] == {registered["certificateId"]: "ACTIVE"}
     assert inv["things"] == [] and inv["policies"] == []
+
+
+async def test_documented_iam_actions_cover_every_call(
+    make_provisioner: Any, iot: Any, keys: Any, namespace: str
+) -> None:
+    prov = make_provisioner()
+    device = make_device(namespace, 1)
+    rec = Recorder()
+    await prov.check()
+    await prov.provision(device, {}, rec, keys)
+    await prov.rotate(dataclasses.replace(device, rotate_token="x"), rec.last, rec, keys)
+    allow_all = make_provisioner(policy={"mode": "AllowAll"})  # replaces the policy document
+    await allow_all.provision(device, rec.last | {"policyReady": None}, rec, keys)
+    await prov.deprovision(device, rec.last, rec)
+    cert, key = self_signed("meter-0009")
+    other = make_device(namespace, 9)
+    await prov.adopt(other, KeyMaterial(cert, key), {}, Recorder(), keys)
+    used = prov._api.used | allow_all._api.used
+    assert used <= set(REQUIRED_IAM_ACTIONS)
+    assert {"iot:CreatePolicyVersion", "iot:RegisterCertificateWithoutCA", "iot:DeletePolicy"} <= used
+    assert iam_policy_document()["Statement"][0]["Action"] == list(REQUIRED_IAM_ACTIONS)
