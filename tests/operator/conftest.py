@@ -31,7 +31,7 @@ from botocore.config import Config
 from cloudconnector import api
 from cloudconnector.keystore.vault_setup import OPERATOR_POLICY, PROXY_POLICY, bootstrap
 from cloudconnector.kube import SECRETS, KubeClient, KubeConfig, Resource
-from tests.support.procs import Bao, Moto
+from tests.support.procs import Bao, Moto, run_bao
 
 ROOT = Path(__file__).resolve().parents[2]
 ENDPOINTS = Resource(api.GROUP, api.VERSION, api.ENDPOINTS)
@@ -193,6 +193,13 @@ def vault(bao: Bao) -> Vault:
 
 
 @pytest.fixture
+def spare_bao() -> Iterator[Bao]:
+    """A private OpenBao for a test that freezes it."""
+    with run_bao() as server:
+        yield server
+
+
+@pytest.fixture
 def aws(moto_server: Moto) -> Callable[[str], Any]:
     """A plain boto3 IoT client on moto, to look at what the operator left there."""
     moto_server.reset()
@@ -307,17 +314,15 @@ class Fleet:
         *,
         region: str = REGION,
         prefix: str = "",
-        secret: str | None = "aws-keys",
+        secret: str = "aws-keys",
+        make_secret: bool = True,
         rate: float = 50,
     ) -> dict[str, Any]:
-        if (
-            secret is not None
-            and await self.cluster.client.get(SECRETS, self.cluster.namespace, secret) is None
-        ):
+        exists = await self.cluster.client.get(SECRETS, self.cluster.namespace, secret) is not None
+        if make_secret and not exists:
             await self.cluster.secret(secret, dict(FAKE_KEYS))
         aws: dict[str, Any] = {"region": region, "endpointUrl": self.moto_url, "thingPrefix": prefix}
-        if secret is not None:
-            aws["credentialsSecretRef"] = {"name": secret}
+        aws["credentialsSecretRef"] = {"name": secret}
         spec = {"type": "AwsIotCore", "rateLimit": {"devicesPerSecond": rate}, "aws": aws}
         return await self.cluster.create(ENDPOINTS, name, spec)
 
