@@ -35,8 +35,13 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--once", action="store_true", help="apply once, wait for retries, exit")
     mode.add_argument("--watch", action="store_true", help="keep running and re-apply on change (default)")
     run.add_argument("--interval", type=float, default=2.0, help="seconds between checks of DIR")
-    run.add_argument("--bind", default="0.0.0.0", help="proxy listen address")
-    run.add_argument("--mqtt-port", type=int, default=1883, help="plain MQTT port for devices (0: off)")
+    proxy = run.add_argument_group("proxy (also set by CC_PROXY_* variables, as for cloud-connector-proxy)")
+    proxy.add_argument("--bind", help="listen address (default 0.0.0.0)")
+    proxy.add_argument("--mqtt-port", type=int, help="plain MQTT port for devices (default 1883, 0: off)")
+    proxy.add_argument("--tls-port", type=int, help="MQTT over TLS port (default off)")
+    proxy.add_argument("--tls-cert-file", help="server certificate for the TLS port")
+    proxy.add_argument("--tls-key-file", help="server key for the TLS port")
+    proxy.add_argument("--http-port", type=int, help="/healthz, /readyz and /metrics port (default off)")
     run.add_argument("--timeout", type=float, default=300.0, help="with --once: give up after seconds")
 
     status = sub.add_parser("status", help="show Endpoints, Groups and Devices like kubectl get")
@@ -83,16 +88,21 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from cloudconnector.standalone.serve import run_command
+    from cloudconnector.standalone.serve import proxy_config, run_command
 
+    names = ("bind", "mqtt_port", "tls_port", "tls_cert_file", "tls_key_file", "http_port")
+    try:
+        proxy = None if args.once else proxy_config(os.environ, {n: getattr(args, n) for n in names})
+    except ValueError as e:
+        print(f"run: {e}", file=sys.stderr)
+        return 2
     return asyncio.run(
         run_command(
             Path(args.filename),
             _state_dir(args.state),
             once=args.once,
             interval=args.interval,
-            bind=args.bind,
-            mqtt_port=args.mqtt_port or None,
+            proxy=proxy,
             limit=args.timeout,
         )
     )

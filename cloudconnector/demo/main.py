@@ -34,7 +34,7 @@ from cloudconnector.keystore.base import KeyMaterial
 from cloudconnector.routes import Route
 from cloudconnector.standalone.app import Standalone, standalone
 from cloudconnector.standalone.keys import open_key_stores
-from cloudconnector.standalone.serve import proxy_server
+from cloudconnector.standalone.serve import plain_proxy, proxy_server
 from cloudconnector.standalone.store import StoredObject
 
 
@@ -172,7 +172,7 @@ async def _traffic(demo: Demo, sa: Standalone, ready: list[StoredObject]) -> Non
         observer = Observer(broker, demo.workdir)
         observer.start()
         try:
-            async with proxy_server(sa.directory, sa.keys.reader, bind="127.0.0.1", mqtt_port=0) as proxy:
+            async with proxy_server(sa.directory, sa.keys.reader, plain_proxy("127.0.0.1")) as proxy:
                 port = proxy.ports["mqtt"]
                 _say(
                     f"proxy on 127.0.0.1:{port}: {len(ready)} devices x {demo.messages} messages, plain MQTT"

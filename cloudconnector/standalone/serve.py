@@ -1,4 +1,9 @@
-"""The body of ``cloud-connector run``: reconcile, then keep the proxy and the file watch going."""
+"""The body of ``cloud-connector run``: reconcile, then keep the proxy and the file watch going.
+
+The proxy takes the same ``CC_PROXY_*`` settings as the cluster's proxy (TLS listener, PROXY
+protocol, identity modes, health and metrics port); the command line overrides the common ones.
+Unlike in a cluster, only the plain MQTT listener is on by default.
+"""
 
 from __future__ import annotations
 
@@ -6,32 +11,55 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 from cloudconnector.errors import ConnectorError
 from cloudconnector.keystore.base import KeyReader
-from cloudconnector.proxy.config import ProxyConfig
+from cloudconnector.proxy.config import ProxyConfig, from_mapping
 from cloudconnector.proxy.directory import StaticDirectory
+from cloudconnector.proxy.health import make_app, start_http
 from cloudconnector.proxy.server import Proxy
 from cloudconnector.standalone.app import report, standalone
 
 logger = logging.getLogger(__name__)
 
+PREFIX = "CC_PROXY_"
+
+
+def proxy_config(env: Mapping[str, str], overrides: Mapping[str, object | None]) -> ProxyConfig:
+    """The proxy's settings: standalone defaults, then ``CC_PROXY_*`` from ``env``, then the
+    command line's ``overrides`` (field name -> value; None keeps what is there)."""
+    values = {f"{PREFIX}TLS_PORT": "0", f"{PREFIX}HTTP_PORT": "0", f"{PREFIX}LOG_JSON": "false"}
+    values.update({k: v for k, v in env.items() if k.startswith(PREFIX)})
+    values.update({f"{PREFIX}{k.upper()}": str(v) for k, v in overrides.items() if v is not None})
+    return from_mapping(values)
+
 
 @contextlib.asynccontextmanager
 async def proxy_server(
-    directory: StaticDirectory, keys: KeyReader, *, bind: str, mqtt_port: int
+    directory: StaticDirectory, keys: KeyReader, config: ProxyConfig
 ) -> AsyncIterator[Proxy]:
-    """The proxy's plain MQTT listener on ``bind``:``mqtt_port`` (0: any free port), routing by
-    ``directory``; ``proxy.ports["mqtt"]`` is the bound port."""
-    config = ProxyConfig(bind=bind, mqtt_port=mqtt_port, tls_port=None, http_port=None, log_json=False)
+    """The proxy routing by ``directory``, with its health and metrics endpoint when configured;
+    ``proxy.ports`` holds the bound ports (useful with port 0)."""
     proxy = Proxy(config, directory, keys)
-    await proxy.start()
+    http = None
     try:
+        if config.http_port is not None:
+            http, _ = await start_http(
+                make_app(proxy.metrics, lambda: proxy.accepting), config.http_bind, config.http_port
+            )
+        await proxy.start()
         yield proxy
     finally:
         await proxy.stop(0)
+        if http is not None:
+            await http.cleanup()
+
+
+def plain_proxy(bind: str, port: int = 0) -> ProxyConfig:
+    """Only a plain MQTT listener (the demo's and the tests' proxy)."""
+    return ProxyConfig(bind=bind, mqtt_port=port, tls_port=None, http_port=None, log_json=False)
 
 
 async def run_command(
@@ -40,8 +68,7 @@ async def run_command(
     *,
     once: bool,
     interval: float,
-    bind: str,
-    mqtt_port: int | None,
+    proxy: ProxyConfig | None,
     limit: float,
 ) -> int:
     async with standalone(manifests, state_dir) as sa:
@@ -62,11 +89,9 @@ async def run_command(
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
         async with contextlib.AsyncExitStack() as stack:
-            if mqtt_port is not None:
-                proxy = await stack.enter_async_context(
-                    proxy_server(sa.directory, sa.keys.reader, bind=bind, mqtt_port=mqtt_port)
-                )
-                logger.info("proxy: plain MQTT on %s:%s", bind, proxy.ports["mqtt"])
+            if proxy is not None and (proxy.mqtt_port is not None or proxy.tls_port is not None):
+                server = await stack.enter_async_context(proxy_server(sa.directory, sa.keys.reader, proxy))
+                logger.info("proxy listening on %s: %s", proxy.bind, server.ports)
             watcher = asyncio.create_task(sa.runner.watch(interval))
             await stop.wait()
             watcher.cancel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import urllib.request
 
 import hvac
 
@@ -58,20 +59,11 @@ def test_run_serves_the_proxy_with_the_reconciled_routes(site: Site, clean_env: 
     endpoint["spec"]["port"] = free_port()  # nothing listens there: the cloud is unreachable
     site.write("endpoint.yaml", [secret, endpoint, site.group("meters")])
     site.write("devices.yaml", [site.device(0, ip="127.20.0.2")])
-    port = free_port()
+    port, http = free_port(), free_port()
     cmd = [sys.executable, "-m", "cloudconnector.cli", "run", "-f", str(site.manifests), "--watch"]
+    options = {"--interval": "0.2", "--bind": "127.0.0.1", "--mqtt-port": port, "--http-port": http}
     proc = subprocess.Popen(
-        [
-            *cmd,
-            "--interval",
-            "0.2",
-            "--bind",
-            "127.0.0.1",
-            "--mqtt-port",
-            str(port),
-            "--state",
-            str(site.state),
-        ],
+        [*cmd, *(str(x) for kv in options.items() for x in kv), "--state", str(site.state)],
         env=clean_env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -83,5 +75,9 @@ def test_run_serves_the_proxy_with_the_reconciled_routes(site: Site, clean_env: 
         assert asyncio.run(_connack(port, "127.20.0.9")) == 5
         # The provisioned device is routed, but its cloud is not there: server unavailable (3).
         assert asyncio.run(_connack(port, "127.20.0.2")) == 3
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/readyz", timeout=5) as ready:
+            assert ready.status == 200
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=5) as metrics:
+            assert b"cloudconnector" in metrics.read()
     finally:
         stop(proc)
