@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument(
         "kind", nargs="?", default="devices", choices=["devices", "groups", "endpoints", "all"]
     )
+    status.add_argument("-n", "--namespace", help="only this namespace (default: all)")
 
     demo = sub.add_parser("demo", help="provision simulated devices against local AWS stand-ins")
     demo.add_argument("--devices", type=int, default=50, help="number of simulated devices")
@@ -75,7 +76,7 @@ def _status(args: argparse.Namespace) -> int:
         }[args.kind]
         tables = []
         for kind in kinds:
-            objects = store.list(kind)
+            objects = store.list(kind, args.namespace)
             namespaces = {o.ref.namespace for o in objects}
             if objects:
                 tables.append(render(kind, objects, namespace_column=len(namespaces) > 1))

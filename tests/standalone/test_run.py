@@ -37,6 +37,8 @@ async def test_provision_then_status_table(site: Site, instance: Standalone, cap
     assert lines[0].split() == ["NAME", "PHASE", "GROUP", "ENDPOINT", "CLOUD", "ID", "AGE"]
     assert lines[1].split()[:5] == ["meter-0000", "Ready", "meters", "aws", f"{site.prefix}fleet_meter-0000"]
     assert len(lines) == 4
+    assert main(["status", "-n", "elsewhere", "--state", str(site.state)]) == 0
+    assert capsys.readouterr().out.strip() == "No devices found."
     assert main(["status", "all", "--state", str(site.state)]) == 0
     out = capsys.readouterr().out
     assert "AwsIotCore" in out and "PROVISIONED" in out
