@@ -10,6 +10,7 @@ its file failed to parse; an Endpoint stays known until no device holds an ident
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -21,7 +22,7 @@ from cloudconnector import api
 from cloudconnector.core.conflicts import Peer, find_clashes
 from cloudconnector.core.device import DeviceReconciler, has_identity
 from cloudconnector.core.endpoint import READY as ENDPOINT_READY
-from cloudconnector.core.endpoint import Usage, check_endpoint
+from cloudconnector.core.endpoint import Usage, check_endpoint, set_revocable
 from cloudconnector.core.group import group_status
 from cloudconnector.core.provisioners import ProvisionerPool
 from cloudconnector.errors import (
@@ -153,35 +154,53 @@ class Runner:
         await self._endpoints(removed)
         await self._devices_pass(removed, result)
         self._groups(removed)
+        self._endpoint_usage(removed)
         self._forget_endpoints(removed)
         self.publish_routes()
         return result
 
     async def _endpoints(self, removed: Callable[[StoredObject], bool]) -> None:
-        devices = self.store.list(api.KIND_DEVICE)
-        groups = {(g.ref.namespace, g.ref.name): g for g in self.store.list(api.KIND_GROUP)}
+        """Check every Endpoint's credentials and data endpoint before its devices need it."""
         for obj in self.store.list(api.KIND_ENDPOINT):
             if removed(obj):
                 continue
             endpoint = parse_endpoint(obj.body)
-            users = [
-                d
-                for d in devices
-                if (g := groups.get((d.ref.namespace, d.body.get("spec", {}).get("group"))))
-                and g.body.get("spec", {}).get("endpointRef", {}).get("name") == endpoint.ref.name
-            ]
-            usage = Usage(len(users), sum(1 for d in users if d.status.get("phase") == "Ready"))
-            status = await check_endpoint(endpoint, self._pool, obj.status, usage)
+            status = await check_endpoint(endpoint, self._pool, obj.status, self._usage(endpoint))
             if status != obj.status:
                 self.store.set_status(api.KIND_ENDPOINT, obj.ref, status)
+
+    def _endpoint_usage(self, removed: Callable[[StoredObject], bool]) -> None:
+        """After the devices' pass: may the Endpoints' API keys be revoked now (IAM hygiene)?"""
+        for obj in self.store.list(api.KIND_ENDPOINT):
+            if removed(obj):
+                continue
+            endpoint = parse_endpoint(obj.body)
+            status = dict(obj.status)
+            set_revocable(status, endpoint, self._usage(endpoint))
+            if status != obj.status:
+                self.store.set_status(api.KIND_ENDPOINT, obj.ref, status)
+
+    def _usage(self, endpoint: Endpoint) -> Usage:
+        groups = {
+            g.ref.name
+            for g in self.store.list(api.KIND_GROUP, endpoint.ref.namespace)
+            if g.body.get("spec", {}).get("endpointRef", {}).get("name") == endpoint.ref.name
+        }
+        users = [
+            d
+            for d in self.store.list(api.KIND_DEVICE, endpoint.ref.namespace)
+            if d.body.get("spec", {}).get("group") in groups
+        ]
+        return Usage(len(users), sum(1 for d in users if d.status.get("phase") == "Ready"))
 
     async def _devices_pass(self, removed: Callable[[StoredObject], bool], result: PassResult) -> None:
         objects = self.store.list(api.KIND_DEVICE)
         live = [o for o in objects if not removed(o)]
         peers: dict[str, list[Peer]] = {}
         for obj in live:
-            dev = parse_device(obj.body)  # the prefix does not matter for IP and ICCID clashes
-            peers.setdefault(dev.ref.namespace, []).append(Peer(dev.ref.name, dev.ip, dev.iccid))
+            with contextlib.suppress(InvalidSpec):  # reported by _reconcile_device
+                dev = parse_device(obj.body)  # the prefix does not matter for IP and ICCID clashes
+                peers.setdefault(dev.ref.namespace, []).append(Peer(dev.ref.name, dev.ip, dev.iccid))
         now = time.monotonic()
         tasks = []
         for obj in objects:

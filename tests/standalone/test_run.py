@@ -27,6 +27,10 @@ async def test_provision_then_status_table(site: Site, instance: Standalone, cap
     for i in range(3):
         info = await instance.keys.writer.describe(ObjectRef("fleet", f"meter-000{i}"))
         assert info is not None
+    endpoint = instance.store.list("Endpoint")[0].status
+    assert endpoint["phase"] == "Ready" and endpoint["host"] == "127.0.0.1"
+    revocable = next(c for c in endpoint["conditions"] if c["type"] == "CredentialsRevocable")
+    assert revocable["status"] == "True"  # all devices provisioned: the IAM keys may go now
     group = instance.store.list("Group")[0].status
     assert (group["total"], group["provisioned"], group["failed"], group["pending"]) == (3, 3, 0, 0)
     # Routes for the in-process proxy are published from the same pass.
