@@ -90,6 +90,16 @@ class Certificates:
         when ``register`` is true, otherwise only stored.
         """
         c = journal.slot(slot_name)
+        if (
+            supplied is not None
+            and c.get("id")
+            and not c.get("stored")
+            and c.get("thumbprint") != cert_info(supplied.certificate_pem).sha256
+        ):
+            # The user's Secret changed while a previous adoption was half done: start over.
+            await self.retire(c, journal.p)
+            c = journal.p[slot_name] = {}
+            await journal.save()
         if c.get("id") and not c.get("stored"):
             held = await _stored_here(keys, device, c)
             if held is not None:

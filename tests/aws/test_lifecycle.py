@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import pytest
+
 from cloudconnector.clouds.aws_api import REQUIRED_IAM_ACTIONS, iam_policy_document
 from cloudconnector.clouds.certs import self_signed
 from cloudconnector.keystore.base import KeyMaterial
-from tests.aws.conftest import Recorder, iot_inventory, make_device
+from tests.aws.conftest import Crash, Recorder, iot_inventory, make_device
 
 
 async def test_deprovision_leaves_nothing(make_provisioner: Any, iot: Any, keys: Any, namespace: str) -> None:
@@ -158,3 +160,21 @@ async def test_documented_iam_actions_cover_every_call(
     assert used <= set(REQUIRED_IAM_ACTIONS)
     assert {"iot:CreatePolicyVersion", "iot:RegisterCertificateWithoutCA", "iot:DeletePolicy"} <= used
     assert iam_policy_document()["Statement"][0]["Action"] == list(REQUIRED_IAM_ACTIONS)
+
+
+async def test_adopt_resumed_with_other_material_registers_the_new_certificate(
+    make_provisioner: Any, iot: Any, keys: Any, reader: Any, namespace: str
+) -> None:
+    first_cert, first_key = self_signed("meter-0004")
+    device = make_device(namespace, 4)
+    crashed = Recorder(crash_at=6)  # registered and recorded, nothing attached or stored yet
+    with pytest.raises(Crash):
+        await make_provisioner().adopt(device, KeyMaterial(first_cert, first_key), {}, crashed, keys)
+    assert len(iot_inventory(iot)["certs"]) == 1
+
+    cert, key = self_signed("meter-0004")  # the user replaced the Secret meanwhile
+    ident = await make_provisioner().adopt(device, KeyMaterial(cert, key), crashed.last, Recorder(), keys)
+    desc = iot.describe_certificate(certificateId=ident.certificate_id)["certificateDescription"]
+    assert desc["certificatePem"] == cert
+    assert iot_inventory(iot)["certs"] == {ident.certificate_id: "ACTIVE"}
+    assert (await reader.get(device.ref)).certificate_pem == cert
