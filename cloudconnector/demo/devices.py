@@ -38,7 +38,7 @@ def publish_packet(topic: str, payload: bytes, packet_id: int) -> bytes:
     return b"\x32" + _length(len(body)) + body
 
 
-async def _read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     header = (await reader.readexactly(1))[0]
     length, shift = 0, 0
     while True:
@@ -69,7 +69,7 @@ async def run_device(
             reader, writer = await asyncio.open_connection(proxy[0], proxy[1], local_addr=(ip, 0))
             try:
                 writer.write(connect_packet(f"sensor-{name}"))
-                kind, body = await _read_packet(reader)
+                kind, body = await read_packet(reader)
                 if kind != 2 or len(body) < 2 or body[1] != 0:
                     code = body[1] if kind == 2 and len(body) > 1 else -1
                     return DeviceRun(name, ip, 0, 0, f"CONNACK refused (code {code})")
@@ -77,7 +77,7 @@ async def run_device(
                     payload = json.dumps({"device": name, "thing": cloud_id, "seq": seq, "t": time.time_ns()})
                     writer.write(publish_packet(f"{cloud_id}/telemetry", payload.encode(), seq))
                     sent += 1
-                    kind, body = await _read_packet(reader)
+                    kind, body = await read_packet(reader)
                     if kind == 4 and struct.unpack("!H", body[:2])[0] == seq:
                         acked += 1
                 writer.write(b"\xe0\x00")  # DISCONNECT

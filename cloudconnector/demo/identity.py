@@ -13,7 +13,7 @@ import contextlib
 import ssl
 from collections.abc import Mapping
 
-from cloudconnector.demo.devices import _read_packet, connect_packet
+from cloudconnector.demo.devices import connect_packet, read_packet
 from cloudconnector.keystore.base import KeyMaterial
 from cloudconnector.proxy.credentials import upstream_context
 from cloudconnector.routes import Route
@@ -31,7 +31,7 @@ async def _accepted(route: Route, material: KeyMaterial, port: int) -> bool:
             )
             try:
                 writer.write(connect_packet(route.client_id))
-                kind, body = await _read_packet(reader)
+                kind, body = await read_packet(reader)
                 return kind == 2 and len(body) >= 2 and body[1] == 0
             finally:
                 writer.close()

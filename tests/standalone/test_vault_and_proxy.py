@@ -9,7 +9,7 @@ import urllib.request
 
 import hvac
 
-from cloudconnector.demo.devices import _read_packet, connect_packet
+from cloudconnector.demo.devices import connect_packet, read_packet
 from cloudconnector.keystore.vault_setup import OPERATOR_POLICY, PROXY_POLICY, bootstrap
 from tests.standalone.conftest import Site
 from tests.standalone.test_cli_restart import phases, run_cli
@@ -47,7 +47,7 @@ async def _connack(port: int, source: str) -> int:
     reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
     try:
         writer.write(connect_packet("any"))
-        kind, body = await asyncio.wait_for(_read_packet(reader), 15)
+        kind, body = await asyncio.wait_for(read_packet(reader), 15)
         assert kind == 2
         return body[1]
     finally:
