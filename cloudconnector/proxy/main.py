@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from cloudconnector.errors import ConnectorError
 from cloudconnector.proxy.config import ProxyConfig, from_mapping
 from cloudconnector.proxy.health import make_app, start_http
 
@@ -116,15 +117,23 @@ async def run(cfg: ProxyConfig, namespace: str | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cfg, args = parse_args(argv)
+    try:
+        cfg, args = parse_args(argv)
+    except ValueError as e:
+        sys.exit(f"cloud-connector-proxy: {e}")
     configure_logging(cfg.log_json, args.log_level)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(run(cfg, args.namespace))
+        loop_factory = None
     else:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        loop_factory = uvloop.new_event_loop
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(run(cfg, args.namespace))
+    except ConnectorError as e:  # missing settings, unreachable services at start-up
+        log.error("cannot start: %s", e)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -197,6 +197,8 @@ async def _open_upstream(
         ctx = upstream_context(route, material, cfg.default_ca_file)
     except CredentialsUnusable as e:
         raise SessionEnd("bad_credentials", str(e), unavailable) from None
+    except (ssl.SSLError, ValueError, OSError) as e:  # the endpoint's CA bundle cannot be loaded
+        raise SessionEnd("bad_endpoint_ca", f"endpoint trust: {short(e, 200)}", unavailable) from None
     finally:
         del material  # the key now lives only inside the context, which the connection holds
     started = time.perf_counter()

@@ -4,35 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
 
-import hvac
 import pytest
 
 from cloudconnector.keystore.base import KeyMaterial
 from cloudconnector.keystore.vault import VaultKeyStore
-from cloudconnector.keystore.vault_config import VaultConfig
-from cloudconnector.keystore.vault_setup import OPERATOR_POLICY, PROXY_POLICY, bootstrap
 from cloudconnector.proxy.server import Proxy
 from tests.proxy.conftest import Client, Pki, World, proxy_config
-from tests.support.procs import Bao
-
-
-def token(root: hvac.Client, policy: str) -> str:
-    return str(
-        root.auth.token.create(policies=[policy], no_default_policy=True, ttl="1h")["auth"]["client_token"]
-    )
-
-
-@pytest.fixture
-def stores(bao: Bao) -> Iterator[tuple[VaultKeyStore, VaultKeyStore]]:
-    root = hvac.Client(url=bao.url, token=bao.token)
-    bootstrap(root)
-    writer = VaultKeyStore(VaultConfig(address=bao.url, token=token(root, OPERATOR_POLICY)))
-    reader = VaultKeyStore(VaultConfig(address=bao.url, token=token(root, PROXY_POLICY)))
-    yield writer, reader
-    writer.close()
-    reader.close()
 
 
 async def test_device_connects_with_credentials_from_vault(
