@@ -16,6 +16,7 @@ being removed), ``rotatedFor`` (the rotate-annotation value last carried out).
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Mapping
 
 from cloudconnector.clouds.aws_api import AwsAlreadyExists, AwsNotFound, IotApi, RetryPolicy
@@ -26,6 +27,8 @@ from cloudconnector.errors import InvalidSpec, PermanentError
 from cloudconnector.keystore.base import KeyMaterial, KeyWriter
 from cloudconnector.model import AwsSpec, Device, Endpoint
 from cloudconnector.ratelimit import RateLimiter
+
+log = logging.getLogger(__name__)
 
 DATA_ENDPOINT_TYPE = "iot:Data-ATS"
 MANAGED_BY = "cloud-connector"
@@ -90,6 +93,7 @@ class AwsIotProvisioner:
         await self._certs.retire(p["retiring"], p)
         p["retiring"] = None
         await journal.save()
+        log.info("Rotated the certificate of %s", device.ref)
         return _identity(p, p["certificate"])
 
     async def adopt(
@@ -132,6 +136,7 @@ class AwsIotProvisioner:
                 await self._api.call("delete_thing", thingName=p["thingName"], tolerate=(AwsNotFound,))
             p.update(thingName=None, thingArn=None, thingOwned=None)
             await journal.save()
+        log.info("Removed the AWS IoT identity of %s", device.ref)
 
     async def aclose(self) -> None:
         self._api.close()
@@ -166,6 +171,7 @@ class AwsIotProvisioner:
             arn = (await self._api.call("describe_thing", thingName=name))["thingArn"]
         p["thingArn"] = arn
         await journal.save()
+        log.info("Thing %s ready for %s", name, device.ref)
 
     async def _ensure_policy(self, journal: Journal) -> None:
         p = journal.p

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,8 @@ from cloudconnector.clouds.certs import cert_info
 from cloudconnector.errors import PermanentError
 from cloudconnector.keystore.base import KeyMaterial, KeyWriter, StoredInfo
 from cloudconnector.model import Device
+
+log = logging.getLogger(__name__)
 
 # How far the AWS clock (creationDate) may be from ours, and how long one create call may take.
 CLOCK_SKEW = dt.timedelta(minutes=5)
@@ -106,6 +109,9 @@ class Certificates:
                 c.update(stored=True, keyLocation=held.location, keyVersion=held.version)
                 await journal.save()
             elif supplied is None:
+                log.info(
+                    "Certificate %s of %s lost its key in a crash: replacing it", c["id"][:16], device.ref
+                )
                 await self.retire(c, journal.p)  # its key is gone with the crashed process
                 c = journal.p[slot_name] = {}
                 await journal.save()
@@ -150,6 +156,7 @@ class Certificates:
             await self._api.call("update_certificate", certificateId=c["id"], newStatus="ACTIVE")
             c["active"] = True
             await journal.save()
+            log.info("Certificate %s of %s is active", c["id"][:16], device.ref)
         return c
 
     async def _create(self, c: Slot, journal: Journal) -> KeyMaterial:
@@ -249,6 +256,7 @@ class Certificates:
                         "delete_certificate", certificateId=cert["certificateId"], tolerate=(AwsNotFound,)
                     )
                     deleted.append(cert["certificateId"])
+                    log.warning("Deleted orphaned certificate %s", cert["certificateId"][:16])
             marker = page.get("nextMarker")
             # Newest first: once a whole page predates the window, older pages cannot match.
             older = all(_parse_time(x["creationDate"]) < since for x in certs)
