@@ -10,6 +10,7 @@ AWS error code only; request payloads and AWS messages (which may quote request 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,17 @@ UNAVAILABLE_CODES = frozenset(
 )
 # Eventual consistency after a detach: AWS may still see an attachment for a few seconds.
 SETTLING_CODES = frozenset({"DeleteConflictException", "CertificateStateException"})
+
+
+class _NoResponseBodies(logging.Filter):
+    """botocore logs whole response bodies at DEBUG, and CreateKeysAndCertificate's body holds
+    the device's private key: those records are dropped, whatever the log level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Response body")
+
+
+logging.getLogger("botocore.parsers").addFilter(_NoResponseBodies())
 
 CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 from cloudconnector.clouds.aws_policy import THING_VARIABLE, policy_name
@@ -112,3 +113,17 @@ async def test_policy_mode_change_replaces_the_document(
     assert doc["Statement"][0]["Action"] == "iot:*"
     versions = iot.list_policy_versions(policyName=ident.policy_name)["policyVersions"]
     assert len(versions) == 1
+
+
+async def test_private_key_never_reaches_the_logs(
+    make_provisioner: Any, keys: Any, reader: Any, namespace: str, caplog: Any
+) -> None:
+    """Even with every logger at DEBUG (botocore logs response bodies there)."""
+    caplog.set_level(logging.DEBUG)
+    device = make_device(namespace, 1)
+    await make_provisioner().provision(device, {}, Recorder(), keys)
+    key = (await reader.get(device.ref)).private_key_pem.decode()
+    body = "".join(key.strip().splitlines()[1:-1])
+    assert "CreateKeysAndCertificate" in caplog.text or "keys-and-certificate" in caplog.text
+    flat = caplog.text.replace("\\n", "").replace("\n", "")
+    assert body[:64] not in flat
