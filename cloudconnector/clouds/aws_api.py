@@ -67,15 +67,21 @@ UNAVAILABLE_CODES = frozenset(
 SETTLING_CODES = frozenset({"DeleteConflictException", "CertificateStateException"})
 
 
-class _NoResponseBodies(logging.Filter):
-    """botocore logs whole response bodies at DEBUG, and CreateKeysAndCertificate's body holds
-    the device's private key: those records are dropped, whatever the log level."""
+class _NoSecretsInBotocoreLogs(logging.Filter):
+    """botocore logs, at DEBUG, whole response bodies (CreateKeysAndCertificate's holds the
+    device's private key), signed requests (with a session token) and Authorization headers:
+    such records are dropped, whatever the log level is set to."""
+
+    MARKERS = ("response body", "security-token", "authorization")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Response body")
+        text = record.getMessage().lower()
+        return not any(m in text for m in self.MARKERS)
 
 
-logging.getLogger("botocore.parsers").addFilter(_NoResponseBodies())
+_GUARD = _NoSecretsInBotocoreLogs()
+for _name in ("parsers", "auth", "endpoint", "hooks", "awsrequest", "httpsession", "retryhandler"):
+    logging.getLogger(f"botocore.{_name}").addFilter(_GUARD)
 
 CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from typing import Any
 
 from cloudconnector.clouds.aws_policy import THING_VARIABLE, policy_name
 from cloudconnector.clouds.certs import cert_info, validate_material
-from tests.aws.conftest import Recorder, iot_inventory, make_device
+from tests.aws.conftest import Recorder, fake_credentials, iot_inventory, make_device
 
 
 async def test_check_resolves_the_ats_data_endpoint(make_provisioner: Any) -> None:
@@ -121,9 +122,12 @@ async def test_private_key_never_reaches_the_logs(
     """Even with every logger at DEBUG (botocore logs response bodies there)."""
     caplog.set_level(logging.DEBUG)
     device = make_device(namespace, 1)
-    await make_provisioner().provision(device, {}, Recorder(), keys)
+    creds = fake_credentials() | {"AWS_SESSION_TOKEN": "session-" + uuid.uuid4().hex}
+    await make_provisioner(credentials=creds).provision(device, {}, Recorder(), keys)
     key = (await reader.get(device.ref)).private_key_pem.decode()
     body = "".join(key.strip().splitlines()[1:-1])
     assert "CreateKeysAndCertificate" in caplog.text or "keys-and-certificate" in caplog.text
     flat = caplog.text.replace("\\n", "").replace("\n", "")
     assert body[:64] not in flat
+    assert creds["AWS_SESSION_TOKEN"] not in flat
+    assert creds["AWS_SECRET_ACCESS_KEY"] not in flat
