@@ -144,3 +144,16 @@ async def test_service_unavailable_on_idempotent_calls_is_retried(
     ident = await make_provisioner(proxy.url).provision(make_device(namespace, 1), {}, Recorder(), keys)
     assert proxy.faulted == 4
     assert iot_inventory(iot)["certs"] == {ident.certificate_id: "ACTIVE"}
+
+
+async def test_no_credentials_anywhere_is_a_credentials_error(
+    make_provisioner: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """An Endpoint without a Secret uses the SDK's default chain; here that chain is empty."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(CredentialsError, match="no usable AWS credentials"):
+        await make_provisioner(credentials={}).check()

@@ -9,6 +9,7 @@ import pytest
 
 from cloudconnector.clouds.aws_api import REQUIRED_IAM_ACTIONS, iam_policy_document
 from cloudconnector.clouds.certs import self_signed
+from cloudconnector.errors import PermanentError
 from cloudconnector.keystore.base import KeyMaterial
 from tests.aws.conftest import Crash, Recorder, iot_inventory, make_device
 
@@ -178,3 +179,18 @@ async def test_adopt_resumed_with_other_material_registers_the_new_certificate(
     assert desc["certificatePem"] == cert
     assert iot_inventory(iot)["certs"] == {ident.certificate_id: "ACTIVE"}
     assert (await reader.get(device.ref)).certificate_pem == cert
+
+
+async def test_changing_the_cloud_id_of_a_provisioned_device_is_refused(
+    make_provisioner: Any, iot: Any, keys: Any, namespace: str
+) -> None:
+    prov = make_provisioner()
+    device = make_device(namespace, 5)
+    rec = Recorder()
+    await prov.provision(device, {}, rec, keys)
+    renamed = dataclasses.replace(device, cloud_id="renamed-thing")
+    with pytest.raises(PermanentError) as caught:
+        await prov.provision(renamed, rec.last, Recorder(), keys)
+    assert caught.value.reason == "CloudIdChanged"
+    await prov.deprovision(renamed, rec.last, Recorder())  # the recorded thing is what goes
+    assert iot_inventory(iot)["things"] == []
