@@ -143,3 +143,17 @@ async def test_sweep_spares_certificates_this_process_is_still_attaching(
         await prov.provision(d, {}, paused_d, keys)
     await prov.provision(c, crashed_again.last, Recorder(), keys)
     assert paused_d.last["certificate"]["id"] in iot_inventory(iot)["certs"]
+
+
+@pytest.mark.parametrize("k", [5, 6, 8])
+async def test_deprovision_after_a_crashed_provision(
+    make_provisioner: Any, iot: Any, keys: Any, namespace: str, k: int
+) -> None:
+    """The Device is deleted instead of resumed: even the unrecorded certificate goes."""
+    device = make_device(namespace, 1)
+    crashed = Recorder(crash_at=k, lose=True)
+    with pytest.raises(Crash):
+        await make_provisioner().provision(device, {}, crashed, keys)
+    assert iot_inventory(iot)["things"] == [device.cloud_id]
+    await make_provisioner().deprovision(device, crashed.last, Recorder())
+    assert iot_inventory(iot) == {"things": [], "certs": {}, "arns": {}, "policies": []}
