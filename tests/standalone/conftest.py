@@ -104,10 +104,11 @@ class Site:
 
 
 @pytest.fixture
-def site(tmp_path: Path, moto_server: Moto) -> Site:
+def site(tmp_path: Path, moto_server: Moto) -> Iterator[Site]:
     manifests = tmp_path / "manifests"
     manifests.mkdir()
-    return Site(manifests, tmp_path / "state", moto_server.url, f"t{uuid.uuid4().hex[:8]}-")
+    yield Site(manifests, tmp_path / "state", moto_server.url, f"t{uuid.uuid4().hex[:8]}-")
+    moto_server.reset()  # leave the shared moto as empty as we found it
 
 
 @pytest.fixture
