@@ -28,7 +28,7 @@ class ProxyConfig:
     tls_reload_seconds: float = 10.0  # how often the 8883 certificate files are checked for changes
     trusted_proxies: tuple[Network, ...] = ()  # sources that must send a PROXY protocol header
     identity: tuple[str, ...] = ("ip",)  # tried in order: ip, client_id, username (= ICCID)
-    connect_timeout: float = 10.0  # from accept to a complete CONNECT (and PROXY header, TLS)
+    connect_timeout: float = 10.0  # for the PROXY header + TLS handshake, then again for CONNECT
     upstream_timeout: float = 10.0  # TCP + TLS to the cloud, and its CONNACK
     max_connections: int = 10_000
     max_packet_size: int = DEFAULT_MAX_SIZE

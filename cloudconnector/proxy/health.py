@@ -36,8 +36,8 @@ async def start_http(app: web.Application, host: str, port: int) -> tuple[web.Ap
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    server = site._server  # aiohttp exposes no public accessor for the bound port
     bound = port
-    if server is not None and getattr(server, "sockets", None):
-        bound = server.sockets[0].getsockname()[1]
+    for address in runner.addresses:  # the real port when asked for port 0
+        bound = int(address[1])
+        break
     return runner, bound

@@ -118,13 +118,13 @@ class Proxy:
     def _track(self, route: Route) -> Iterator[None]:
         task = asyncio.current_task()
         assert task is not None
-        self._live.setdefault(route.device, set()).add(task)  # type: ignore[arg-type]
+        self._live.setdefault(route.device, set()).add(task)
         try:
             yield
         finally:
             tasks = self._live.get(route.device)
             if tasks is not None:
-                tasks.discard(task)  # type: ignore[arg-type]
+                tasks.discard(task)
                 if not tasks:
                     del self._live[route.device]
 

@@ -127,6 +127,10 @@ async def serve(
         metrics.attempts.labels("ok").inc()
         log.info("session started", extra=fields)
         with deps.track(route):
+            if deps.directory.by_iccid(route.iccid) != route:
+                # Deleted, rotated or moved while this session was being set up.
+                log.info("session ended: revoked during setup", extra=fields)
+                return
             metrics.active.inc()
             try:
                 link = Link(reader, writer, level, up_reader, upstream, first.protocol_level)
