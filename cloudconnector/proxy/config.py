@@ -1,7 +1,19 @@
 """The proxy's settings, read from the environment (``CC_PROXY_*``) and overridable by arguments.
 
 One frozen value so that every part of the proxy sees the same settings and tests can build a
-proxy without touching the environment.
+proxy without touching the environment. Each field ``name`` is read from ``CC_PROXY_{NAME}``:
+
+- ``BIND``, ``MQTT_PORT`` (1883), ``TLS_PORT`` (8883); a port of ``off``/``0`` disables it.
+- ``TLS_CERT_FILE``, ``TLS_KEY_FILE``: the 8883 certificate (e.g. a mounted Secret), re-read every
+  ``TLS_RELOAD_SECONDS`` when the files change.
+- ``TRUSTED_PROXIES``: comma-separated CIDRs of load balancers that must send a PROXY header.
+- ``IDENTITY``: ``ip`` (default), ``client_id`` and/or ``username`` (equal to the ICCID), in order.
+- ``CONNECT_TIMEOUT``, ``UPSTREAM_TIMEOUT`` (seconds), ``MAX_CONNECTIONS``, ``MAX_PACKET_SIZE``.
+- ``DEFAULT_CA_FILE``: trust for endpoints without ``caCertificate`` (e.g. Amazon Root CA 1);
+  the system trust store when unset.
+- ``HTTP_BIND``, ``HTTP_PORT`` (9090): ``/healthz``, ``/readyz``, ``/metrics``.
+- ``DRAIN_SECONDS``: on SIGTERM, live sessions are closed spread over this time.
+- ``LOG_JSON``: one JSON object per log line (default true).
 """
 
 from __future__ import annotations

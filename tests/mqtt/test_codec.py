@@ -263,3 +263,32 @@ def test_publish_roundtrip_property(
 def test_random_bodies_only_raise_malformed(body: bytes, header: int, version: int) -> None:
     with contextlib.suppress(MalformedPacket):
         codec.decode(header, body, version)
+
+
+packets_st = st.one_of(
+    st.builds(Publish, topics, st.binary(max_size=300)),
+    st.builds(
+        lambda t, p, i: Publish(t, p, 1, packet_id=i), topics, st.binary(max_size=300), st.integers(1, 9)
+    ),
+    st.builds(Puback, st.integers(1, 65535)),
+    st.builds(Pubrel, st.integers(1, 65535)),
+    st.just(Pingreq()),
+    st.builds(lambda f: Subscribe(1, (Subscription(f, 1),)), topics),
+)
+
+
+@given(st.lists(packets_st, max_size=12), st.lists(st.integers(1, 64), min_size=1, max_size=20))
+def test_frame_scanner_agrees_with_read_packet(packets: list[object], cuts: list[int]) -> None:
+    stream = b"".join(codec.encode(p) for p in packets)  # type: ignore[arg-type]
+    scanner = FrameScanner()
+    pos, seen, i = 0, 0, 0
+    while pos < len(stream):
+        step = cuts[i % len(cuts)]
+        seen += scanner.feed(stream[pos : pos + step])
+        pos, i = pos + step, i + 1
+    assert seen == sum(isinstance(p, Publish) for p in packets)
+    rest = stream
+    for p in packets:  # and the same bytes frame one by one into the same packets
+        header, body = split(rest[: len(codec.encode(p))])  # type: ignore[arg-type]
+        assert codec.decode(header, body) == p
+        rest = rest[len(codec.encode(p)) :]  # type: ignore[arg-type]
