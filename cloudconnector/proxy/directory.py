@@ -82,25 +82,42 @@ class StaticDirectory:
         self._notify(revoked)
 
     def put(self, route: Route) -> None:
+        """Add or update one device's route (constant time: the watch calls this per event)."""
         old = self._routes.get(route.device)
         self._routes[route.device] = route
-        self._reindex()
+        if old is not None:
+            self._unindex(old)
+        self._index(route)
         if old is not None and not _same_session(old, route):
             self._notify([route.device])
 
     def remove(self, device: ObjectRef) -> None:
-        if self._routes.pop(device, None) is not None:
-            self._reindex()
+        old = self._routes.pop(device, None)
+        if old is not None:
+            self._unindex(old)
             self._notify([device])
 
+    def get(self, device: ObjectRef) -> Route | None:
+        return self._routes.get(device)
+
+    def _index(self, route: Route) -> None:
+        if route.ip:
+            self._by_ip[normalize_ip(route.ip)] = route
+        self._by_iccid[route.iccid] = route
+
+    def _unindex(self, route: Route) -> None:
+        # Only if the entry is still this route's: two devices may (wrongly) share an address.
+        if route.ip:
+            ip = normalize_ip(route.ip)
+            if self._by_ip.get(ip) is route:
+                del self._by_ip[ip]
+        if self._by_iccid.get(route.iccid) is route:
+            del self._by_iccid[route.iccid]
+
     def _reindex(self) -> None:
-        by_ip: dict[str, Route] = {}
-        by_iccid: dict[str, Route] = {}
+        self._by_ip, self._by_iccid = {}, {}
         for route in self._routes.values():
-            if route.ip:
-                by_ip[normalize_ip(route.ip)] = route
-            by_iccid[route.iccid] = route
-        self._by_ip, self._by_iccid = by_ip, by_iccid
+            self._index(route)
 
     def _notify(self, refs: list[ObjectRef]) -> None:
         for ref in refs:

@@ -1,8 +1,8 @@
 """The proxy's device directory, kept current from the Kubernetes API (list, then watch).
 
 It follows Devices, Groups and Endpoints (in one namespace or all), and after every change
-rebuilds identity -> Route with :func:`cloudconnector.routes.build_route`, the one definition of
-which status fields make a device usable. Rebuilding goes through a :class:`StaticDirectory`, so
+updates identity -> Route with :func:`cloudconnector.routes.build_route`, the one definition of
+which status fields make a device usable. Updates go through a :class:`StaticDirectory`, so
 a device that is deleted, stops being Ready, gets a new certificate or moves to another endpoint
 has its live session ended. The proxy only reads these resources: its RBAC role needs list and
 watch, nothing else.
@@ -18,6 +18,7 @@ from typing import Any
 from cloudconnector import api
 from cloudconnector.errors import short
 from cloudconnector.kube.client import KubeClient, KubeError, Resource
+from cloudconnector.model import ObjectRef
 from cloudconnector.proxy.directory import RevokeCallback, StaticDirectory
 from cloudconnector.routes import Route, build_route
 
@@ -97,28 +98,63 @@ class KubeDirectory:
                 return
             if kind == "BOOKMARK":
                 continue
+            key = _key(obj)
             if kind == "DELETED":
-                store.pop(_key(obj), None)
+                store.pop(key, None)
             else:
-                store[_key(obj)] = obj
-            self._rebuild()
+                store[key] = obj
+            self._changed(res, key)
         # The server closed the stream (watches time out); the caller lists again.
 
-    def _rebuild(self) -> None:
+    def _changed(self, res: Resource, key: Key) -> None:
+        """Recompute only the routes one event can affect: O(1) for a device, a scan for the
+        rarer group and endpoint changes."""
         if not self.ready:
             return
-        groups = self._objects[GROUPS.plural]
-        endpoints = self._objects[ENDPOINTS.plural]
-        routes: list[Route] = []
-        for (namespace, _), device in self._objects[DEVICES.plural].items():
-            group = groups.get((namespace, str((device.get("spec") or {}).get("group") or "")))
-            endpoint = None
-            if group is not None:
-                ref = ((group.get("spec") or {}).get("endpointRef") or {}).get("name")
-                endpoint = endpoints.get((namespace, str(ref or "")))
-            route = build_route(device, group, endpoint)
-            if route is not None:
-                routes.append(route)
+        namespace, name = key
+        if res is DEVICES:
+            self._refresh(key)
+        else:
+            for dkey, device in self._objects[DEVICES.plural].items():
+                if dkey[0] != namespace:
+                    continue
+                group_name = str((device.get("spec") or {}).get("group") or "")
+                related = group_name if res is GROUPS else self._endpoint_of(namespace, group_name)
+                if related == name:
+                    self._refresh(dkey)
+        if self.on_change is not None:
+            self.on_change()
+
+    def _endpoint_of(self, namespace: str, group_name: str) -> str | None:
+        group = self._objects[GROUPS.plural].get((namespace, group_name))
+        if group is None:
+            return None
+        ref = ((group.get("spec") or {}).get("endpointRef") or {}).get("name")
+        return str(ref) if ref else None
+
+    def _route(self, key: Key) -> Route | None:
+        device = self._objects[DEVICES.plural].get(key)
+        if device is None:
+            return None
+        namespace = key[0]
+        group_name = str((device.get("spec") or {}).get("group") or "")
+        group = self._objects[GROUPS.plural].get((namespace, group_name))
+        endpoint_name = self._endpoint_of(namespace, group_name)
+        endpoint = self._objects[ENDPOINTS.plural].get((namespace, endpoint_name or ""))
+        return build_route(device, group, endpoint)
+
+    def _refresh(self, key: Key) -> None:
+        route = self._route(key)
+        if route is None:
+            self._index.remove(ObjectRef(*key))
+        else:
+            self._index.put(route)
+
+    def _rebuild(self) -> None:
+        """Everything from scratch: after a (re)list."""
+        if not self.ready:
+            return
+        routes = [r for r in map(self._route, self._objects[DEVICES.plural]) if r is not None]
         self._index.replace(routes)
         if self.on_change is not None:
             self.on_change()

@@ -129,3 +129,34 @@ async def test_directory_follows_resources_and_ends_sessions(
     finally:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
+
+
+async def test_group_and_endpoint_changes_reroute_their_devices(kube: KubeClient) -> None:
+    ns = f"g-{uuid.uuid4().hex[:6]}"
+    for name, host in (("ep-a", "a.example"), ("ep-b", "b.example")):
+        spec = {"type": "MqttBroker", "mqtt": {"host": host}}
+        await kube.create(ENDPOINTS, ns, body("Endpoint", ns, name, spec, {"phase": "Ready", "port": 8883}))
+    await kube.create(GROUPS, ns, body("Group", ns, "g", {"endpointRef": {"name": "ep-a"}}, {}))
+    for i in range(3):
+        spec = {"group": "g", "sim": {"iccid": f"893530177777777777{i}"}, "ip": f"10.1.0.{i + 1}"}
+        status = {"phase": "Ready", "endpoint": "ep-a", "cloudId": f"d{i}", "certificateId": "c1"}
+        await kube.create(DEVICES, ns, body("Device", ns, f"d{i}", spec, status))
+    directory = KubeDirectory(kube, ns, retry_seconds=0.2)
+    revoked: list[ObjectRef] = []
+    directory.subscribe(revoked.append)
+    watcher = asyncio.create_task(directory.run())
+    try:
+        await eventually(lambda: len(directory.routes()) == 3, "three devices routed")
+        assert {r.host for r in directory.routes()} == {"a.example"}
+        # The endpoint's data host changes: every device of it is re-routed, sessions end.
+        await kube.patch(ENDPOINTS, ns, "ep-a", {"status": {"host": "a2.example"}}, status=True)
+        await eventually(lambda: {r.host for r in directory.routes()} == {"a2.example"}, "new host")
+        assert sorted(r.name for r in revoked) == ["d0", "d1", "d2"]
+        # The group moves to another endpoint: until the operator re-provisions the devices
+        # there (status.endpoint), they have no usable route.
+        await kube.patch(GROUPS, ns, "g", {"spec": {"endpointRef": {"name": "ep-b"}}})
+        await eventually(lambda: directory.routes() == [], "devices unroutable mid-migration")
+        assert directory.by_ip("10.1.0.1") is None
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
