@@ -116,8 +116,8 @@ async def serve(
             raise SessionEnd("unknown_device", "no ready device for this identity", NOT_AUTHORIZED)
         fields.update(device=str(route.device), identity=mode, endpoint=f"{route.host}:{route.port}")
         transform = transform_for(route)
-        up_reader, upstream, first = await _open_upstream(deps, route, connect, transform)
-        connack = await _upstream_connack(deps, up_reader, first.protocol_level)
+        up_reader, upstream, up_level = await _open_upstream(deps, route, connect, transform)
+        connack = await _upstream_connack(deps, up_reader, up_level)
         for p in transform.from_cloud(connack).to_device:
             writer.write(encode(p, level))
         await writer.drain()
@@ -134,7 +134,7 @@ async def serve(
                 return
             metrics.active.inc()
             try:
-                link = Link(reader, writer, level, up_reader, upstream, first.protocol_level)
+                link = Link(reader, writer, level, up_reader, upstream, up_level)
                 why = await _relay(deps, transform, link)
             finally:
                 metrics.active.dec()
@@ -183,7 +183,7 @@ async def _read_connect(deps: Deps, reader: asyncio.StreamReader) -> Connect:
 
 async def _open_upstream(
     deps: Deps, route: Route, connect: Connect, transform: SessionTransform
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Connect]:
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
     cfg, metrics = deps.config, deps.metrics
     unavailable = SERVER_UNAVAILABLE
     started = time.perf_counter()
@@ -217,8 +217,10 @@ async def _open_upstream(
     finally:
         del ctx
     metrics.handshake.observe(time.perf_counter() - started)
-    up_writer.write(encode(first, first.protocol_level))
-    return up_reader, up_writer, first
+    up_level = first.protocol_level
+    up_writer.write(encode(first, up_level))
+    del first  # may hold the broker password
+    return up_reader, up_writer, up_level
 
 
 async def _upstream_connack(deps: Deps, reader: asyncio.StreamReader, level: int) -> Connack:
