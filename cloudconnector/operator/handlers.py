@@ -119,6 +119,7 @@ async def _reconcile_device(
         if device.ip:
             peers += all_of(device_peers, (namespace, "ip", device.ip))
         reconciler = rt.device_reconciler(_lookup(endpoints_idx))
+        clashes = find_clashes(device, peers)
         try:
             await reconciler.reconcile(
                 device,
@@ -127,13 +128,17 @@ async def _reconcile_device(
                 status,
                 save,
                 endpoint_ready=ready,
-                clashes=find_clashes(device, peers),
+                clashes=clashes,
                 report=report,
             )
         except dev.WaitingError:
             return  # Pending: re-triggered when the awaited object changes
         except Exception as e:
             _raise_for_kopf(e)
+    if clashes and status.get("phase") != dev.CONFLICT:
+        # A newly found clash concerns the other side too (it may be Ready and unaware).
+        for other in {name for clash in clashes for name in clash.others}:
+            await rt.retrigger(DEVICES, namespace, other, "conflict")
 
 
 @kopf.on.resume(*DEVICE_KIND)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import os
 import signal
 import subprocess
@@ -21,8 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp.web
+import attrs
 import boto3
 import hvac
+import jsonpatch
 import kmock as kmocklib
 import pytest
 import yaml
@@ -40,6 +44,40 @@ DEVICES = Resource(api.GROUP, api.VERSION, api.DEVICES)
 REGION = "eu-west-1"
 FAKE_KEYS = {"AWS_ACCESS_KEY_ID": "AKIDTESTTESTTEST", "AWS_SECRET_ACCESS_KEY": "not-a-real-secret"}
 DEADLINE = 60.0
+
+
+@attrs.define(kw_only=True)
+class ApiServer(kmocklib.KubernetesEmulator):
+    """kmock's emulator plus the two metadata fields a real API server maintains and kopf relies
+    on: a new ``resourceVersion`` on every write (kopf's patch-consistency check) and a
+    ``generation`` bumped by spec changes (``observedGeneration``). kmock's docs invite subclassing
+    for such field semantics; everything else is kmock's own behaviour."""
+
+    _versions: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1000), init=False)
+
+    async def _handle(self, request: kmocklib.Request) -> aiohttp.web.StreamResponse:
+        data = request.data
+        writing = request.action in (kmocklib.action.CREATE, kmocklib.action.UPDATE)
+        if request.resource is not None and writing and isinstance(data, list):  # JSON patch
+            data.append(
+                {"op": "add", "path": "/metadata/resourceVersion", "value": str(next(self._versions))}
+            )
+        if request.resource is not None and writing and isinstance(data, dict):
+            meta = data.setdefault("metadata", {})
+            meta["resourceVersion"] = str(next(self._versions))
+            if request.action == kmocklib.action.UPDATE and "spec" in data and not request.subresource:
+                key = (request.resource, request.namespace, request.name)
+                if key in self.objects and not self.objects[key].deleted:
+                    current = self.objects[key].get("metadata", {}).get("generation") or 1
+                    meta["generation"] = int(current) + 1
+        return await super()._handle(request)
+
+    async def _render_error(self, exc: Exception) -> aiohttp.web.StreamResponse:
+        # A failed JSON-patch "test" (kopf's optimistic lock on resourceVersion) is a 422 in
+        # Kubernetes; kmock would answer 500 and kopf would retry the stale patch for a minute.
+        if isinstance(exc, jsonpatch.JsonPatchTestFailed):
+            exc = kmocklib.KubernetesError(status=422, reason="Invalid", message="resourceVersion changed")
+        return await super()._render_error(exc)
 
 
 def register_crds(kmock: kmocklib.KubernetesEmulator) -> None:
@@ -78,7 +116,6 @@ class Cluster:
                 "name": name,
                 "namespace": self.namespace,
                 "uid": str(uuid.uuid4()),
-                "resourceVersion": "1",
                 "generation": 1,
                 "creationTimestamp": "2026-01-01T00:00:00Z",
                 **meta,
@@ -94,7 +131,7 @@ class Cluster:
         body = {
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": {"name": name, "namespace": self.namespace, "resourceVersion": "1"},
+            "metadata": {"name": name, "namespace": self.namespace},
             "data": encoded,
         }
         await self.client.create(SECRETS, self.namespace, body)
@@ -103,11 +140,6 @@ class Cluster:
         return await self.client.get(res, self.namespace, name)
 
     async def patch(self, res: Resource, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        """A user's edit: bumps the generation when the spec changes, as the API server would."""
-        if "spec" in patch:
-            current = await self.get(res, name) or {}
-            generation = int((current.get("metadata") or {}).get("generation") or 1) + 1
-            patch = {**patch, "metadata": {**patch.get("metadata", {}), "generation": generation}}
         return await self.client.patch(res, self.namespace, name, patch)
 
     async def delete(self, res: Resource, name: str) -> None:
@@ -152,15 +184,16 @@ class Cluster:
 
 
 @pytest.fixture
-async def cluster(kmock: kmocklib.KubernetesEmulator) -> AsyncIterator[Cluster]:
-    register_crds(kmock)
-    url = str(kmock.url).rstrip("/")
-    client = KubeClient(KubeConfig(server=url))
-    namespace = f"t-{uuid.uuid4().hex[:8]}"
-    try:
-        yield Cluster(kmock, client, namespace, url)
-    finally:
-        await client.aclose()
+async def cluster() -> AsyncIterator[Cluster]:
+    async with ApiServer() as kmock, kmocklib.Server(kmock):
+        register_crds(kmock)
+        url = str(kmock.url).rstrip("/")
+        client = KubeClient(KubeConfig(server=url))
+        namespace = f"t-{uuid.uuid4().hex[:8]}"
+        try:
+            yield Cluster(kmock, client, namespace, url)
+        finally:
+            await client.aclose()
 
 
 @dataclass
