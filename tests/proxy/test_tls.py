@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import ssl
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -149,3 +152,65 @@ def test_mosquitto_clients_as_devices(world: World, proxy: ProxyThread, broker: 
     finally:
         sub.kill()
         sub.wait()
+
+
+class WeakServer:
+    """A TLS server that offers only what the proxy must refuse (old versions or weak suites)."""
+
+    def __init__(self, pki: Pki, ctx_setup: Callable[[ssl.SSLContext], None], rsa: bool = False) -> None:
+        issued = pki.ca.issue("localhost", hosts=("localhost",), rsa_bits=2048 if rsa else None)
+        cert, key = pki.client_files(issued, f"weak-{id(self)}")
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert, key)
+        ctx_setup(self.ctx)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.handshakes: list[str] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.sock.accept()
+                with contextlib.suppress(ssl.SSLError, OSError), conn:
+                    tls = self.ctx.wrap_socket(conn, server_side=True)
+                    self.handshakes.append(str(tls.version()))
+                    tls.recv(1)  # until the client goes
+                    tls.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def tls11_only(ctx: ssl.SSLContext) -> None:
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    ctx.minimum_version = ssl.TLSVersion.TLSv1
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+
+
+def weak_suites_only(ctx: ssl.SSLContext) -> None:
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers("AES128-SHA:AES256-SHA:AES128-GCM-SHA256")  # no forward secrecy
+
+
+@pytest.mark.parametrize(("setup", "rsa"), [(tls11_only, False), (weak_suites_only, True)])
+def test_upstream_offering_weak_tls_is_refused(
+    world: World, proxy: ProxyThread, pki: Pki, setup: Callable[[ssl.SSLContext], None], rsa: bool
+) -> None:
+    server = WeakServer(pki, setup, rsa)
+    try:
+        # A permissive client gets through: the server really offers only the weak options.
+        lax = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        lax.check_hostname, lax.verify_mode = False, ssl.CERT_NONE
+        lax.minimum_version = ssl.TLSVersion.TLSv1
+        lax.set_ciphers("ALL:@SECLEVEL=0")
+        with lax.wrap_socket(socket.create_connection(("127.0.0.1", server.port), timeout=10)):
+            pass
+        wait_for(lambda: len(server.handshakes) == 1, what="permissive handshake")
+        route = world.add(port=server.port)
+        s = raw_connect(proxy.port, route.ip or "", codec.encode(Connect("x")))
+        assert recv_all(s) == b"\x20\x02\x00\x03"
+        assert len(server.handshakes) == 1  # the proxy never completed one
+    finally:
+        server.close()
