@@ -437,6 +437,35 @@ async def bench_path(
     return res
 
 
+def broker_conf(port: int, d: Path) -> str:
+    """mosquitto with mutual TLS only, the client certificate's CN as user name.
+
+    Expects ``ca.crt``, ``broker.crt`` and ``broker.key`` in ``d``."""
+    return "\n".join(
+        [
+            "per_listener_settings false",
+            f"user {pwd.getpwuid(os.getuid()).pw_name}",
+            "allow_anonymous false",
+            "max_queued_messages 100000",
+            "max_inflight_messages 0",
+            f"listener {port} 127.0.0.1",
+            f"cafile {d / 'ca.crt'}",
+            f"certfile {d / 'broker.crt'}",
+            f"keyfile {d / 'broker.key'}",
+            "require_certificate true",
+            "use_identity_as_username true",
+            "tls_version tlsv1.2",
+            "",
+        ]
+    )
+
+
+def tls_client(ca_file: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
 async def run_all(args: argparse.Namespace) -> list[Result]:
     d = Path(tempfile.mkdtemp(prefix="proxy-bench-"))
     try:
@@ -449,30 +478,11 @@ async def run_all(args: argparse.Namespace) -> list[Result]:
         print(f"making {args.devices} device certificates...", file=sys.stderr)
         devices = make_devices(ca, args.devices, d)
         bport = free_port()
-        conf = "\n".join(
-            [
-                "per_listener_settings false",
-                f"user {pwd.getpwuid(os.getuid()).pw_name}",
-                "allow_anonymous false",
-                "max_queued_messages 100000",
-                "max_inflight_messages 0",
-                f"listener {bport} 127.0.0.1",
-                f"cafile {ca_file}",
-                f"certfile {d / 'broker.crt'}",
-                f"keyfile {d / 'broker.key'}",
-                "require_certificate true",
-                "use_identity_as_username true",
-                "tls_version tlsv1.2",
-                "",
-            ]
-        )
         results = []
-        with run_mosquitto(conf, bport, d):
+        with run_mosquitto(broker_conf(bport, d), bport, d):
 
             def client_tls(cert: Path, key: Path) -> ssl.SSLContext:
-                ctx = ssl.create_default_context(cafile=str(ca_file))
-                ctx.load_cert_chain(str(cert), str(key))
-                return ctx
+                return tls_client(ca_file, cert, key)
 
             sink = Sink()
             sink_conn = Conn()
