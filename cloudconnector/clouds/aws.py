@@ -2,10 +2,11 @@
 
 Order of a provisioning run (each step checkpointed in ``progress`` before the next):
 CreateThing -> per-device policy -> CreateKeysAndCertificate (inactive; AWS makes the RSA-2048
-key pair) -> AttachPolicy -> AttachThingPrincipal -> key store -> UpdateCertificate ACTIVE.
-A certificate only becomes ACTIVE once its key is safely stored, so a crash can never leave an
-active certificate whose key nobody has. See :mod:`cloudconnector.clouds.aws_certs` for resume
-rules and the orphan sweep.
+key pair) -> AttachPolicy -> AttachThingPrincipal -> UpdateCertificate ACTIVE -> key store.
+The key store only ever points at an active certificate, so a rotation has no moment where the
+proxy would present a certificate AWS still refuses; a crash after activation but before the key
+was stored retires that certificate on resume (its id was checkpointed first). See
+:mod:`cloudconnector.clouds.aws_certs` for resume rules and the orphan sweep.
 
 Progress layout (camelCase, JSON): ``thingName``, ``thingArn``, ``thingOwned`` (false when the thing
 existed before us: then it is never deleted), ``policyName``, ``policyReady``, ``certificate`` (the

@@ -138,6 +138,14 @@ class Certificates:
         finally:
             self._fresh.discard(c["id"])
 
+        # Active before stored: the key store only ever switches to a certificate the cloud already
+        # accepts, so a rotation never hands the proxy a not-yet-active one. The id is checkpointed,
+        # so a crash before the store step retires this certificate on resume.
+        if c.get("registered") and not c.get("active"):
+            await self._api.call("update_certificate", certificateId=c["id"], newStatus="ACTIVE")
+            c["active"] = True
+            await journal.save()
+            log.info("Certificate %s of %s is active", c["id"][:16], device.ref)
         if not c.get("stored"):
             assert material is not None  # otherwise the slot was reset above
             metadata = {
@@ -152,11 +160,6 @@ class Certificates:
             c.update(stored=True, keyLocation=stored.location, keyVersion=stored.version)
             await journal.save()
 
-        if c.get("registered") and not c.get("active"):
-            await self._api.call("update_certificate", certificateId=c["id"], newStatus="ACTIVE")
-            c["active"] = True
-            await journal.save()
-            log.info("Certificate %s of %s is active", c["id"][:16], device.ref)
         return c
 
     async def _create(self, c: Slot, journal: Journal) -> KeyMaterial:

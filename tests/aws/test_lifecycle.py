@@ -194,3 +194,37 @@ async def test_changing_the_cloud_id_of_a_provisioned_device_is_refused(
     assert caught.value.reason == "CloudIdChanged"
     await prov.deprovision(renamed, rec.last, Recorder())  # the recorded thing is what goes
     assert iot_inventory(iot)["things"] == []
+
+
+class _ActiveCheckingStore:
+    """Wraps the real key store and records the cloud status of each certificate it is handed."""
+
+    def __init__(self, inner: Any, iot: Any) -> None:
+        self.inner, self.iot, self.seen = inner, iot, []
+
+    async def put(self, device: Any, material: Any, metadata: Any) -> Any:
+        cert_id = metadata["certificateId"]
+        status = self.iot.describe_certificate(certificateId=cert_id)["certificateDescription"]["status"]
+        self.seen.append((cert_id, status))
+        return await self.inner.put(device, material, metadata)
+
+    async def describe(self, device: Any) -> Any:
+        return await self.inner.describe(device)
+
+    async def delete(self, device: Any) -> None:
+        await self.inner.delete(device)
+
+
+async def test_key_store_only_ever_receives_active_certificates(
+    make_provisioner: Any, iot: Any, keys: Any, namespace: str
+) -> None:
+    # The proxy reads whatever the key store holds: during a rotation it must never be handed a
+    # certificate AWS does not accept yet.
+    prov = make_provisioner()
+    device = make_device(namespace, 1)
+    store = _ActiveCheckingStore(keys, iot)
+    rec = Recorder()
+    await prov.provision(device, {}, rec, store)
+    await prov.rotate(dataclasses.replace(device, rotate_token="r1"), rec.last, rec, store)
+    assert len(store.seen) == 2
+    assert all(status == "ACTIVE" for _, status in store.seen), store.seen
