@@ -1,0 +1,218 @@
+"""No secret leaves through logs, errors, status, metrics, process output or object reprs.
+
+Each test runs a real scenario with every logger at DEBUG (a recording handler on the root logger
+plus pytest's caplog), registers the secrets the scenario handled (keys it generated, tokens it
+minted, passwords it stored) with :class:`~tests.hardening.secrets_scan.SecretScanner`, and scans
+everything the product emitted or kept in the open. The fixtures of the area tests are imported,
+not copied, so these scenarios are the same ones those tests check for behaviour.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from cloudconnector.clouds.aws_api import RetryPolicy
+from cloudconnector.errors import PermanentError, TransientError
+from cloudconnector.keystore.vault import VaultKeyStore
+from cloudconnector.keystore.vault_config import VaultConfig
+from tests.aws import conftest as aws
+from tests.aws.conftest import Recorder, VaultRoles, fake_credentials, make_device
+from tests.hardening.secrets_scan import (
+    RecordingHandler,
+    SecretScanner,
+    exception_texts,
+    hint,
+    pem_slices,
+)
+from tests.support.procs import Bao, free_port
+
+Texts = list[tuple[str, str]]
+
+# The AWS tests' fixtures, under their own names (pytest finds fixtures by module attribute).
+moto = aws.moto
+vault_roles = aws.vault_roles
+keys = aws.keys
+reader = aws.reader
+namespace = aws.namespace
+make_provisioner = aws.make_provisioner
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture) -> Iterator[RecordingHandler]:
+    """Every logger at DEBUG, every record kept: on the root logger and on non-propagating ones."""
+    caplog.set_level(logging.DEBUG)
+    handler = RecordingHandler()
+    root = logging.getLogger()
+    known = logging.root.manager.loggerDict.items()
+    saved = {name: lg.level for name, lg in known if isinstance(lg, logging.Logger)}
+    root_level = root.level
+    root.setLevel(logging.DEBUG)
+    root.addHandler(handler)
+    isolated: list[logging.Logger] = []
+    for name in saved:
+        lg = logging.getLogger(name)
+        lg.setLevel(logging.DEBUG)
+        if not lg.propagate:
+            lg.addHandler(handler)
+            isolated.append(lg)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(root_level)
+        for lg in isolated:
+            lg.removeHandler(handler)
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def captured(handler: RecordingHandler, caplog: pytest.LogCaptureFixture) -> Texts:
+    """The logs to scan; caplog is emptied so that a failing test does not print them (and a leak)."""
+    texts = list(handler.texts())
+    texts.append(("caplog text", caplog.text))
+    texts += [(f"caplog record #{i}", r.getMessage()) for i, r in enumerate(caplog.records)]
+    caplog.clear()
+    return texts
+
+
+def vault_secrets(scanner: SecretScanner, bao: Bao, roles: VaultRoles) -> None:
+    scanner.add("vault root token", bao.token)
+    scanner.add("vault operator token", roles.operator_token)
+    scanner.add("vault proxy token", roles.proxy_token)
+
+
+# ---------------------------------------------------------------- the scanner itself
+
+
+def test_scanner_finds_a_planted_key_and_token_in_a_log_line(
+    logs: RecordingHandler, caplog: pytest.LogCaptureFixture
+) -> None:
+    from cloudconnector.clouds.certs import self_signed
+
+    _, key = self_signed("planted")
+    token = "hvs." + uuid.uuid4().hex
+    scanner = SecretScanner()
+    scanner.add_private_key("planted key", key)
+    scanner.add("planted token", token)
+    body = pem_slices(key)[1]
+    log = logging.getLogger("cloudconnector.planted")
+    log.debug("harmless line")
+    log.debug("fetched %s", {"key": key.decode()})  # the whole PEM, as a repr with escaped newlines
+    log.warning("token was %s", token)
+    log.info("a fragment: %s", body[3:-3])  # too short a slice to match: not reported
+    try:
+        raise RuntimeError(f"login failed for {token}")
+    except RuntimeError:
+        log.exception("vault said no")
+
+    mine = RecordingHandler()
+    mine.records = [r for r in logs.records if r.name == log.name]
+    caplog.clear()  # the planted secrets stay out of the test report
+    findings = scanner.scan(mine.texts())
+    where = {(f.label, f.where.split(" (")[0]) for f in findings}
+    assert ("planted key", "log record #1") in where
+    assert ("private key block", "log record #1") in where
+    assert ("planted token", "log record #2") in where
+    assert ("planted token", "log record #4") in where  # via exc_info, not the message
+    assert not any(f.where.startswith(("log record #0 ", "log record #3 ")) for f in findings)
+    with pytest.raises(AssertionError) as failed:
+        scanner.assert_clean(mine.texts())
+    report = str(failed.value)
+    assert "log record #2" in report and hint(token) in report
+    assert token not in report and token[4:] not in report and body not in report
+
+
+def test_scanner_finds_wrapped_and_encoded_spellings() -> None:
+    from cloudconnector.clouds.certs import self_signed
+
+    _, key = self_signed("wrapped")
+    secret = "Ab+/cd==" + uuid.uuid4().hex
+    scanner = SecretScanner()
+    scanner.add_private_key("key", key)
+    scanner.add("sas", secret)
+    body = "".join(key.decode().splitlines()[1:-1])
+    rewrapped = "\n".join(body[i : i + 50] for i in range(0, len(body), 50))  # other line length
+    from urllib.parse import quote
+
+    found = scanner.scan(
+        [
+            ("rewrapped", rewrapped),
+            ("json", '{"k": "' + body[:200].replace("A", "A") + '"}'),
+            ("url", f"sig={quote(secret, safe='')}"),
+            ("clean", "nothing to see " * 20),
+        ]
+    )
+    assert {f.where for f in found} == {"rewrapped", "json", "url"}
+    with pytest.raises(ValueError):
+        scanner.add("too short", "abc")
+
+
+# ---------------------------------------------------------------- AWS IoT Core against moto
+
+
+async def test_aws_provision_rotate_deprovision_leak_nothing(
+    logs: RecordingHandler,
+    caplog: pytest.LogCaptureFixture,
+    make_provisioner: Any,
+    keys: VaultKeyStore,
+    reader: VaultKeyStore,
+    vault_roles: VaultRoles,
+    bao: Bao,
+    namespace: str,
+) -> None:
+    creds = fake_credentials() | {"AWS_SESSION_TOKEN": "session-" + uuid.uuid4().hex + uuid.uuid4().hex}
+    scanner = SecretScanner()
+    vault_secrets(scanner, bao, vault_roles)
+    scanner.add("aws secret access key", creds["AWS_SECRET_ACCESS_KEY"])
+    scanner.add("aws session token", creds["AWS_SESSION_TOKEN"])
+    texts: Texts = []
+
+    prov = make_provisioner(credentials=creds)
+    device = make_device(namespace, 1)
+    rec = Recorder()
+    first = await prov.provision(device, {}, rec, keys)
+    scanner.add_private_key("first device key", (await reader.get(device.ref)).private_key_pem)
+    rotated = await prov.rotate(dataclasses.replace(device, rotate_token="r1"), rec.last, rec, keys)
+    material = await reader.get(device.ref)
+    scanner.add_private_key("rotated device key", material.private_key_pem)
+    assert rotated.certificate_id != first.certificate_id
+    done = Recorder()
+    await prov.deprovision(device, rec.last, done)
+
+    # Failure paths: a cloud that does not answer, and the key store refusing a wrong token.
+    down = make_provisioner(
+        f"http://127.0.0.1:{free_port()}",
+        credentials=creds,
+        retry=RetryPolicy(attempts=2, base=0.01, cap=0.02, give_up_delay=0.1),
+    )
+    with pytest.raises((TransientError, PermanentError)) as unreachable:
+        await down.provision(make_device(namespace, 2), {}, Recorder(), keys)
+    texts += [("exception: cloud unreachable", t) for t in exception_texts(unreachable.value)]
+    wrong_token = "hvs.wrong-" + uuid.uuid4().hex
+    scanner.add("wrong vault token", wrong_token)
+    bad = VaultKeyStore(VaultConfig(address=vault_roles.url, token=wrong_token))
+    try:
+        with pytest.raises(Exception) as refused:  # any error: its text is what matters
+            await bad.put(device.ref, material, {})
+        texts += [("exception: vault refused", t) for t in exception_texts(refused.value)]
+    finally:
+        bad.close()
+
+    # What an operator would persist and show: progress (status.progress), identities, reprs.
+    for i, progress in enumerate(rec.saved + done.saved):
+        texts.append((f"checkpointed progress #{i}", repr(progress)))
+    texts += [("identity repr", repr(first)), ("identity repr", repr(rotated))]
+    texts += [("key material repr", repr(material)), ("key material str", str(material))]
+    config = VaultConfig(address=vault_roles.url, token=vault_roles.proxy_token)
+    texts += [("vault config repr", repr(config))]
+    texts += [("key store repr", repr(keys)), ("provisioner repr", repr(prov))]
+    texts += captured(logs, caplog)
+
+    assert len(logs.records) > 20  # botocore and urllib3 did log at DEBUG: the scan had material
+    assert scanner.assert_clean(texts) > 40
