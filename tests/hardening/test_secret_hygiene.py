@@ -12,17 +12,26 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
+from _pytest.logging import LogCaptureHandler
 
 from cloudconnector.clouds.aws_api import RetryPolicy
-from cloudconnector.errors import PermanentError, TransientError
+from cloudconnector.clouds.azure import AzureIotHubProvisioner
+from cloudconnector.clouds.azure_credentials import parse_connection_string
+from cloudconnector.errors import ConnectorError, PermanentError, TransientError
 from cloudconnector.keystore.vault import VaultKeyStore
 from cloudconnector.keystore.vault_config import VaultConfig
+from cloudconnector.ratelimit import RateLimiter
 from tests.aws import conftest as aws
 from tests.aws.conftest import Recorder, VaultRoles, fake_credentials, make_device
+from tests.azure import conftest as azure
+from tests.azure.conftest import HUB_HOST, azure_endpoint
+from tests.azure.conftest import new_device as azure_device
+from tests.azure.hub_double import HubDouble, new_key
 from tests.hardening.secrets_scan import (
     RecordingHandler,
     SecretScanner,
@@ -30,6 +39,7 @@ from tests.hardening.secrets_scan import (
     hint,
     pem_slices,
 )
+from tests.support.pki import CA
 from tests.support.procs import Bao, free_port
 
 Texts = list[tuple[str, str]]
@@ -41,6 +51,7 @@ keys = aws.keys
 reader = aws.reader
 namespace = aws.namespace
 make_provisioner = aws.make_provisioner
+azure_ca = azure.azure_ca
 
 
 @pytest.fixture
@@ -49,6 +60,10 @@ def logs(caplog: pytest.LogCaptureFixture) -> Iterator[RecordingHandler]:
     caplog.set_level(logging.DEBUG)
     handler = RecordingHandler()
     root = logging.getLogger()
+    # pytest's report handler would print the records of a failing test, leaked secrets included.
+    muted = [h for h in root.handlers if isinstance(h, LogCaptureHandler) and h is not caplog.handler]
+    for h in muted:
+        h.setLevel(logging.CRITICAL + 1)
     known = logging.root.manager.loggerDict.items()
     saved = {name: lg.level for name, lg in known if isinstance(lg, logging.Logger)}
     root_level = root.level
@@ -66,6 +81,8 @@ def logs(caplog: pytest.LogCaptureFixture) -> Iterator[RecordingHandler]:
     finally:
         root.removeHandler(handler)
         root.setLevel(root_level)
+        for h in muted:
+            h.setLevel(logging.NOTSET)
         for lg in isolated:
             lg.removeHandler(handler)
         for name, level in saved.items():
@@ -216,3 +233,93 @@ async def test_aws_provision_rotate_deprovision_leak_nothing(
 
     assert len(logs.records) > 20  # botocore and urllib3 did log at DEBUG: the scan had material
     assert scanner.assert_clean(texts) > 40
+
+
+# ---------------------------------------------------------------- Azure IoT Hub against the registry double
+
+
+class RecordingHub(HubDouble):
+    """The registry double, also keeping each Authorization header so its SAS signature is known."""
+
+    def __init__(self, host_name: str, ca: CA) -> None:
+        super().__init__(host_name, ca)
+        self.authorizations: list[str] = []
+
+    def _authorize(self, header: str, write: bool) -> Any:
+        self.authorizations.append(header)
+        return super()._authorize(header, write)
+
+    def signatures(self) -> set[str]:
+        sigs = set()
+        for header in self.authorizations:
+            fields = dict(p.split("=", 1) for p in header.split(" ", 1)[-1].split("&") if "=" in p)
+            if fields.get("sig"):
+                sigs.add(unquote(fields["sig"]))
+        return sigs
+
+
+@pytest.fixture
+async def hub(azure_ca: CA) -> AsyncIterator[RecordingHub]:
+    double = RecordingHub(HUB_HOST, azure_ca)
+    async with double.serve():
+        yield double
+
+
+async def test_azure_provision_rotate_deprovision_leak_nothing(
+    logs: RecordingHandler,
+    caplog: pytest.LogCaptureFixture,
+    hub: RecordingHub,
+    azure_ca: CA,
+    keys: VaultKeyStore,
+    reader: VaultKeyStore,
+    vault_roles: VaultRoles,
+    bao: Bao,
+) -> None:
+    scanner = SecretScanner()
+    vault_secrets(scanner, bao, vault_roles)
+    shared_key = hub.policies["registryReadWrite"].key
+    scanner.add("azure SharedAccessKey", shared_key)
+    texts: Texts = []
+    endpoint = azure_endpoint(hub, azure_ca.cert_pem)
+    prov = AzureIotHubProvisioner(endpoint, {"connectionString": hub.connection_string()}, RateLimiter(1000))
+    device = azure_device()
+    rec = Recorder()
+    try:
+        await prov.check()
+        first = await prov.provision(device, {}, rec, keys)
+        scanner.add_private_key("first device key", (await reader.get(device.ref)).private_key_pem)
+        rotated = await prov.rotate(dataclasses.replace(device, rotate_token="r1"), rec.last, rec, keys)
+        scanner.add_private_key("rotated device key", (await reader.get(device.ref)).private_key_pem)
+        await prov.deprovision(device, rec.last, rec)
+    finally:
+        await prov.aclose()
+    assert rotated.thumbprint != first.thumbprint
+
+    # Failure paths: a wrong key (401 from the hub) and a malformed connection string.
+    wrong_key = new_key()
+    scanner.add("wrong SharedAccessKey", wrong_key)
+    for label, conn in [
+        ("wrong key", hub.connection_string(key=wrong_key)),
+        ("malformed", f"HostName={HUB_HOST};SharedAccessKey={wrong_key}"),
+    ]:
+        bad = AzureIotHubProvisioner(endpoint, {"connectionString": conn}, RateLimiter(1000))
+        try:
+            with pytest.raises(ConnectorError) as refused:
+                await bad.provision(azure_device(), {}, Recorder(), keys)
+        finally:
+            await bad.aclose()
+        texts += [(f"exception: {label}", t) for t in exception_texts(refused.value)]
+
+    # One signature per token the SDK made (it reuses one for its lifetime), and one per wrong key.
+    signed = 0
+    for i, sig in enumerate(sorted(hub.signatures())):
+        scanner.add(f"SAS signature #{i}", sig)
+        signed += 1
+    assert signed >= 2  # a count only: a failing assert must not print the signatures
+    for i, progress in enumerate(rec.saved):
+        texts.append((f"checkpointed progress #{i}", repr(progress)))
+    texts += [("identity repr", repr(first)), ("identity repr", repr(rotated))]
+    texts += [("registry credentials repr", repr(parse_connection_string(hub.connection_string())))]
+    texts += [("provisioner repr", repr(prov)), ("endpoint repr", repr(endpoint))]
+    texts += captured(logs, caplog)
+    assert scanner.assert_clean(texts) > 20
