@@ -9,13 +9,16 @@ not copied, so these scenarios are the same ones those tests check for behaviour
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from typing import Any
 from urllib.parse import unquote
 
+import aiohttp
 import pytest
 from _pytest.logging import LogCaptureHandler
 
@@ -23,9 +26,16 @@ from cloudconnector.clouds.aws_api import RetryPolicy
 from cloudconnector.clouds.azure import AzureIotHubProvisioner
 from cloudconnector.clouds.azure_credentials import parse_connection_string
 from cloudconnector.errors import ConnectorError, PermanentError, TransientError
+from cloudconnector.keystore.base import KeyMaterial
 from cloudconnector.keystore.vault import VaultKeyStore
 from cloudconnector.keystore.vault_config import VaultConfig
+from cloudconnector.model import EndpointType
+from cloudconnector.mqtt import codec
+from cloudconnector.mqtt.packets import Connect
+from cloudconnector.proxy.health import make_app, start_http
+from cloudconnector.proxy.server import Proxy
 from cloudconnector.ratelimit import RateLimiter
+from cloudconnector.routes import Route
 from tests.aws import conftest as aws
 from tests.aws.conftest import Recorder, VaultRoles, fake_credentials, make_device
 from tests.azure import conftest as azure
@@ -39,6 +49,7 @@ from tests.hardening.secrets_scan import (
     hint,
     pem_slices,
 )
+from tests.proxy.conftest import Client, Pki, World, proxy_config
 from tests.support.pki import CA
 from tests.support.procs import Bao, free_port
 
@@ -321,5 +332,111 @@ async def test_azure_provision_rotate_deprovision_leak_nothing(
     texts += [("identity repr", repr(first)), ("identity repr", repr(rotated))]
     texts += [("registry credentials repr", repr(parse_connection_string(hub.connection_string())))]
     texts += [("provisioner repr", repr(prov)), ("endpoint repr", repr(endpoint))]
+    texts += captured(logs, caplog)
+    assert scanner.assert_clean(texts) > 20
+
+
+# ---------------------------------------------------------------- the proxy with keys from OpenBao
+
+
+async def _connack(port: int, source: str, packet: Connect) -> bytes:
+    """A raw 3.1.1 device: CONNECT from ``source``, then the 4-byte CONNACK (or what came before EOF)."""
+    reader_, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    try:
+        writer.write(codec.encode(packet))
+        try:
+            return await asyncio.wait_for(reader_.readexactly(4), 20)
+        except asyncio.IncompleteReadError as e:
+            return e.partial
+    finally:
+        writer.close()
+
+
+async def test_proxy_relay_and_failures_leak_nothing(
+    logs: RecordingHandler,
+    caplog: pytest.LogCaptureFixture,
+    pki: Pki,
+    world: World,
+    admin: Client,
+    keys: VaultKeyStore,
+    reader: VaultKeyStore,
+    vault_roles: VaultRoles,
+    bao: Bao,
+) -> None:
+    scanner = SecretScanner()
+    vault_secrets(scanner, bao, vault_roles)
+    texts: Texts = []
+
+    async def store(route: Route, *, password: bool = False, key_of: Route | None = None) -> None:
+        """Put the route's credentials in Vault (optionally with a password, or someone else's key)."""
+        issued = world.issue(route)
+        key = world.issue(key_of).key_pem if key_of is not None else issued.key_pem
+        secret = f"mqtt-pw-{uuid.uuid4().hex}" if password else None
+        material = KeyMaterial(
+            issued.cert_pem, key, username="gateway-user" if password else None, password=secret
+        )
+        await keys.put(route.device, material, {"certificateId": route.certificate_id})
+        scanner.add_private_key(f"key of {route.device.name}", key)
+        scanner.add(f"mqtt password of {route.device.name}", secret)
+
+    relayed = world.add()
+    await store(relayed)
+    generic = replace(world.add(ready=False), endpoint_type=EndpointType.MQTT)
+    await store(generic, password=True)
+    down = replace(world.add(ready=False, port=free_port()), endpoint_type=EndpointType.MQTT)
+    await store(down, password=True)
+    untrusted = replace(
+        world.add(ready=False), endpoint_type=EndpointType.MQTT, ca_pem=CA("Other CA").cert_pem
+    )
+    await store(untrusted, password=True)
+    unusable = world.add(ready=False)
+    await store(unusable, key_of=world.add(ready=False))  # a key that does not match the certificate
+    missing = world.add(ready=False)  # routed, but nothing in Vault
+    for route in (generic, down, untrusted, unusable, missing):
+        world.directory.put(route)
+
+    proxy = Proxy(proxy_config(pki), world.directory, reader)
+    async with proxy:
+        runner, http = await start_http(make_app(proxy.metrics, lambda: proxy.accepting), "127.0.0.1", 0)
+        try:
+            port = proxy.ports["mqtt"]
+            await asyncio.to_thread(admin.subscribe, f"{relayed.client_id}/#", 1)
+            dev = Client("d", bind=relayed.ip or "")
+            try:
+                assert await asyncio.to_thread(dev.connect, port) == 0
+                await asyncio.to_thread(dev.publish, f"{relayed.client_id}/up", b"via vault", 1)
+                assert (await asyncio.to_thread(admin.expect)).payload == b"via vault"
+            finally:
+                await asyncio.to_thread(dev.close)
+            device_password = b"device-" + uuid.uuid4().hex.encode()
+            scanner.add("the device's own password", device_password)
+            hello = Connect("x", username="device-user", password=device_password)
+            answers = {
+                name: await _connack(port, route.ip or "", hello)
+                for name, route in [
+                    ("generic", generic),
+                    ("down", down),
+                    ("untrusted", untrusted),
+                    ("unusable", unusable),
+                    ("missing", missing),
+                ]
+            }
+            answers["unknown"] = await _connack(port, "127.0.9.9", hello)
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://127.0.0.1:{http}/metrics") as r,
+            ):
+                texts.append(("proxy /metrics", await r.text()))
+        finally:
+            await runner.cleanup()
+    assert answers["generic"][:4] == b"\x20\x02\x00\x00"
+    assert {answers[n][:4] for n in ("down", "untrusted")} == {b"\x20\x02\x00\x03"}
+    assert answers["unknown"][:4] == b"\x20\x02\x00\x05"
+    assert {answers[n][:3] for n in ("unusable", "missing")} == {b"\x20\x02\x00"}
+    texts += [(f"answer to {n}", repr(a)) for n, a in answers.items()]
+    texts += [("proxy config repr", repr(proxy_config(pki))), ("reader repr", repr(reader))]
+    proxy_lines = [r.getMessage() for r in logs.records if r.name.startswith("cloudconnector.proxy")]
+    refusals = sum(line.startswith("device refused") for line in proxy_lines)
+    assert refusals == 5  # each failure path ran and said why (upstream, TLS, key, no key, unknown)
     texts += captured(logs, caplog)
     assert scanner.assert_clean(texts) > 20
