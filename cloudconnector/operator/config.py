@@ -19,6 +19,8 @@
     Token-bucket burst per Endpoint (default 1: never above the configured rate).
 ``CLOUDCONNECTOR_CONSISTENCY_TIMEOUT``
     kopf's wait for its own patch to come back in the watch stream (default 5).
+``CLOUDCONNECTOR_LOG_LEVEL``
+    Python log level of the operator process (default ``INFO``).
 ``CLOUDCONNECTOR_LIVENESS``
     kopf liveness endpoint URL, e.g. ``http://0.0.0.0:8080/healthz`` (default: none).
 Vault: see :mod:`cloudconnector.keystore.vault_config`. Kubernetes: :mod:`cloudconnector.kube.config`.

@@ -106,9 +106,17 @@ async def _reconcile_device(
         report = KopfReporter(body)
         group_name = (body.get("spec") or {}).get("group")
         group_body = one(groups_idx, (namespace, group_name)) if group_name else None
+        if group_name and group_body is None:
+            # The indexes trail the API by one watch event; before waiting, ask the API itself.
+            group_body = await rt.fresh(GROUPS, namespace, group_name)
         try:
             group = parse_group(group_body) if group_body is not None else None
             endpoint, ready = _endpoint_of(group, endpoints_idx)
+            if group is not None and not ready:
+                endpoint_body = await rt.fresh(ENDPOINTS, namespace, group.endpoint)
+                if endpoint_body is not None:
+                    endpoint = parse_endpoint(endpoint_body)
+                    ready = (endpoint_body.get("status") or {}).get("phase") == "Ready"
             prefix = endpoint.aws.thing_prefix if endpoint is not None and endpoint.aws else ""
             device = parse_device(body, thing_prefix=prefix)
         except InvalidSpec as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from typing import Any
 
@@ -95,7 +96,8 @@ def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = os.environ.get("CLOUDCONNECTOR_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = handlers.CONFIG
     try:
         import uvloop

@@ -114,15 +114,13 @@ class Cluster:
         await self.wait_for(res, name, lambda o: o is None, "deletion")
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        """Events posted about ``name``. kmock 0.8 keys stored objects by name, and events come
-        with ``generateName`` only, so all but the first are refused with 409: read the requests."""
+        """Events stored about ``name`` (newest last)."""
         found = []
-        for request in self.kmock:
-            resource = request.resource
-            if request.method.value != "POST" or resource is None or resource.plural != "events":
-                continue
-            if isinstance(request.data, dict) and request.data.get("involvedObject", {}).get("name") == name:
-                found.append(request.data)
+        for (resource, _ns, _name), obj in self.kmock.objects.items():
+            if resource.plural == "events" and not obj.deleted:
+                event = obj.raw
+                if (event.get("involvedObject") or {}).get("name") == name:
+                    found.append(event)
         return found
 
 
