@@ -10,8 +10,14 @@ not copied, so these scenarios are the same ones those tests check for behaviour
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import logging
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -22,14 +28,17 @@ import aiohttp
 import pytest
 from _pytest.logging import LogCaptureHandler
 
+from cloudconnector.api import ROTATE_ANNOTATION
 from cloudconnector.clouds.aws_api import RetryPolicy
 from cloudconnector.clouds.azure import AzureIotHubProvisioner
 from cloudconnector.clouds.azure_credentials import parse_connection_string
 from cloudconnector.errors import ConnectorError, PermanentError, TransientError
 from cloudconnector.keystore.base import KeyMaterial
+from cloudconnector.keystore.embedded import EmbeddedKeyStore
+from cloudconnector.keystore.envelope import MASTER_KEY_ENV
 from cloudconnector.keystore.vault import VaultKeyStore
 from cloudconnector.keystore.vault_config import VaultConfig
-from cloudconnector.model import EndpointType
+from cloudconnector.model import EndpointType, ObjectRef
 from cloudconnector.mqtt import codec
 from cloudconnector.mqtt.packets import Connect
 from cloudconnector.proxy.health import make_app, start_http
@@ -50,8 +59,10 @@ from tests.hardening.secrets_scan import (
     pem_slices,
 )
 from tests.proxy.conftest import Client, Pki, World, proxy_config
+from tests.standalone import conftest as standalone
+from tests.standalone.conftest import Site
 from tests.support.pki import CA
-from tests.support.procs import Bao, free_port
+from tests.support.procs import Bao, free_port, port_open, wait_for
 
 Texts = list[tuple[str, str]]
 
@@ -63,6 +74,8 @@ reader = aws.reader
 namespace = aws.namespace
 make_provisioner = aws.make_provisioner
 azure_ca = azure.azure_ca
+site = standalone.site
+clean_env = standalone.clean_env
 
 
 @pytest.fixture
@@ -440,3 +453,95 @@ async def test_proxy_relay_and_failures_leak_nothing(
     assert refusals == 5  # each failure path ran and said why (upstream, TLS, key, no key, unknown)
     texts += captured(logs, caplog)
     assert scanner.assert_clean(texts) > 20
+
+
+# ---------------------------------------------------------------- cloud-connector run / status
+
+
+def _cli(site: Site, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cloudconnector.cli", "-v", *args, "--state", str(site.state)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+async def _stored_key(site: Site, env: dict[str, str], name: str) -> bytes:
+    store = EmbeddedKeyStore.open(site.state / "keys.db", site.state / "master.key", env)
+    return (await store.reader().get(ObjectRef(site.namespace, name))).private_key_pem
+
+
+def test_standalone_run_and_status_leak_nothing(site: Site, clean_env: dict[str, str]) -> None:
+    scanner = SecretScanner()
+    access, secret = fake_credentials().values()
+    scanner.add("aws secret access key", secret)
+    master = base64.b64encode(os.urandom(32)).decode()
+    scanner.add("embedded store master key", master)
+    env = {**clean_env, MASTER_KEY_ENV: master}
+    texts: Texts = []
+    cloud_port = free_port()  # the data endpoint: nothing listens there
+
+    def manifests(*devices: dict[str, Any]) -> None:
+        iam, endpoint = site.endpoint()
+        endpoint["spec"]["port"] = cloud_port
+        iam["stringData"] = {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret}
+        site.write("endpoint.yaml", [iam, endpoint, site.group("meters")])
+        site.write("devices.yaml", list(devices))
+
+    def ran(what: str, done: subprocess.CompletedProcess[str], code: int = 0) -> None:
+        texts.extend([(f"stdout of {what}", done.stdout), (f"stderr of {what}", done.stderr)])
+        assert done.returncode == code, f"{what} exited {done.returncode}"  # output not shown: it is scanned
+
+    manifests(site.device(0, ip="127.21.0.2"), site.device(1))
+    ran("run --once", _cli(site, env, "run", "-f", str(site.manifests), "--once"))
+    first = {name: asyncio.run(_stored_key(site, env, name)) for name in ("meter-0000", "meter-0001")}
+    for name, key in first.items():
+        scanner.add_private_key(f"first key of {name}", key)
+
+    rotating = site.device(0, ip="127.21.0.2")
+    rotating["metadata"]["annotations"] = {ROTATE_ANNOTATION: "now"}
+    manifests(rotating, site.device(1))
+    ran("run --once (rotation)", _cli(site, env, "run", "-f", str(site.manifests), "--once"))
+    rotated = asyncio.run(_stored_key(site, env, "meter-0000"))
+    changed = rotated != first["meter-0000"]
+    assert changed  # a bool, so that a failure does not print the keys
+    scanner.add_private_key("rotated key of meter-0000", rotated)
+    ran("status all", _cli(site, env, "status", "all"))
+
+    # Serving: the device's key is read for its connection (to a cloud port nobody listens on).
+    port, http = free_port(), free_port()
+    watch = [
+        *("run", "-f", str(site.manifests), "--watch", "--interval", "0.2", "--bind", "127.0.0.1"),
+        *("--mqtt-port", str(port), "--http-port", str(http), "--state", str(site.state)),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cloudconnector.cli", "-v", *watch],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: port_open("127.0.0.1", port), what="standalone proxy")
+        hello = Connect("meter", username="u", password=b"p" * 12)
+        # Until the first pass has published the routes, the device is unknown (5); then its key is
+        # read and the unreachable cloud answers server unavailable (3).
+        wait_for(lambda: asyncio.run(_connack(port, "127.21.0.2", hello))[3] == 3, what="routed device")
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=5) as r:
+            texts.append(("standalone /metrics", r.read().decode()))
+        # Deleting a device deprovisions it while the process watches.
+        manifests(site.device(0, ip="127.21.0.2"))
+        wait_for(lambda: len(site.things()) == 1, what="deprovisioning")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    texts += [("stdout of run --watch", out), ("stderr of run --watch", err)]
+    assert "proxy listening" in err
+
+    for path in sorted(site.state.iterdir()):
+        if path.name != "master.key":  # the key file is where the master key is meant to be
+            texts.append((f"state file {path.name}", path.read_bytes().decode("latin-1")))
+    assert any(where.startswith("state file state.db") for where, _ in texts)
+    assert scanner.assert_clean(texts) >= 10
