@@ -187,7 +187,7 @@ class Subscriber:
     def __init__(self) -> None:
         self.seen: set[tuple[int, int, int]] = set()
         self.duplicates = 0
-        self.latencies: list[int] = []
+        self.samples: list[tuple[int, int]] = []  # (send time, latency) in ns
         self.last = time.monotonic()
 
     def __call__(self, p: Publish) -> None:
@@ -199,7 +199,7 @@ class Subscriber:
             self.duplicates += 1  # QoS 1 allows them; they are reported, not counted as received
             return
         self.seen.add(key)
-        self.latencies.append(now - sent)
+        self.samples.append((sent, now - sent))
 
     def count(self, phase: int) -> int:
         return sum(1 for k in self.seen if k[0] == phase)
@@ -349,8 +349,9 @@ async def drive(
     for phase, qos in ((1, 1), (2, 0)):
         t = Traffic()
         cpu0, rss_before = cpu_seconds(pid), rss_kib(pid)
-        sub.latencies.clear()
+        sub.samples.clear()
         start = time.monotonic()
+        start_ns = time.monotonic_ns()
         stop = start + args.seconds
         log(f"QoS {qos}: {args.seconds:g} s, one message per device every {args.interval:g} s...")
         await asyncio.gather(
@@ -363,6 +364,10 @@ async def drive(
         cpu = cpu_seconds(pid) - cpu0
         await sub.settle()
         got = {k for k in sub.seen if k[0] == phase}
+        latencies = [lat for _, lat in sub.samples]
+        warm = start_ns + int(2 * args.interval * 1e9)
+        steady = [lat for sent, lat in sub.samples if sent >= warm]
+        report[f"QoS {qos} p99 ms per second"] = per_second_p99(sub.samples, start_ns)
         row: dict[str, Any] = {
             "sent": len(t.sent),
             "acknowledged": t.acked if qos else "-",
@@ -373,8 +378,12 @@ async def drive(
             "ack timeouts": t.ack_timeouts if qos else "-",
             "send errors": t.send_errors,
             "msgs/s": round(len(got) / elapsed),
-            "latency p50 ms": round(pct(sub.latencies, 0.50), 2),
-            "latency p99 ms": round(pct(sub.latencies, 0.99), 2),
+            "latency p50 ms": round(pct(latencies, 0.50), 2),
+            "latency p99 ms": round(pct(latencies, 0.99), 2),
+            "latency p99.9 ms": round(pct(latencies, 0.999), 2),
+            "latency max ms": round(max(latencies, default=0) / 1e6, 2),
+            # Without the phase's first two intervals: is a tail a start-up burst or steady?
+            "p99 after 2 intervals ms": round(pct(steady, 0.99), 2),
             "proxy CPU s": round(cpu, 2),
             "proxy CPU % of a core": round(100 * cpu / elapsed, 1),
             "proxy CPU µs per message": round(cpu * 1e6 / max(1, len(got)), 1),
@@ -405,6 +414,14 @@ async def drive(
     await asyncio.gather(*(c.close() for c in conns.values()))
 
 
+def per_second_p99(samples: list[tuple[int, int]], start_ns: int) -> list[float]:
+    """The p99 latency of the messages sent in each second of a phase (where the tail comes from)."""
+    buckets: dict[int, list[int]] = {}
+    for sent, lat in samples:
+        buckets.setdefault(int((sent - start_ns) // 1_000_000_000), []).append(lat)
+    return [round(pct(buckets[s], 0.99), 1) for s in sorted(buckets)]
+
+
 def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -415,15 +432,15 @@ def print_report(args: argparse.Namespace, report: dict[str, Any]) -> None:
         f"one {PAYLOAD}-byte message per device every {args.interval:g} s"
     )
     for key, value in report.items():
-        if isinstance(value, dict) and key.startswith("QoS"):
-            continue
+        if key.startswith("QoS"):
+            continue  # the phases' table below; the per-second series only in --json
         if isinstance(value, dict):
             print(f"{key}:")
             for k, v in value.items():
                 print(f"  {k:<56} {v:g}")
         else:
             print(f"{key:<40}{value}")
-    phases = [k for k in report if k.startswith("QoS")]
+    phases = [k for k in report if k.startswith("QoS") and isinstance(report[k], dict)]
     print("".ljust(28) + "".join(p.rjust(12) for p in phases))
     for k in report[phases[0]]:
         print(k.ljust(28) + "".join(str(report[p][k]).rjust(12) for p in phases))
