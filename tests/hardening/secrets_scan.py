@@ -13,6 +13,7 @@ a failing test does not itself print what it was guarding.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -21,6 +22,11 @@ import traceback
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import quote, quote_plus
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 PEM_SLICE = 40
 MIN_SECRET = 8  # shorter strings would match by accident (and are not secrets worth the name)
@@ -59,16 +65,46 @@ class Finding:
 
 
 def pem_slices(pem: str | bytes, width: int = PEM_SLICE) -> list[str]:
-    """Slices of a PEM block's base64 body: from the start, the middle and the end."""
+    """Slices of a PEM private key's base64 body that carry private bytes: first, middle, last.
+
+    A key's encoding also holds public parts (an RSA modulus, the EC public point at the end of
+    the block) that rightly appear in certificates, and a header that every key of its kind
+    shares. Slices start on 4-character boundaries, so each stands for whole DER bytes; a slice
+    whose bytes occur in the public key, or in a fresh key of the same kind, is not used.
+    """
     text = pem.decode() if isinstance(pem, bytes) else pem
     found = _PEM_BLOCK.search(text)
     if found is None:
         raise ValueError("not a PEM private key block")
     body = "".join(found.group(1).split())
-    if len(body) < width:
-        return [body]
-    starts = sorted({0, (len(body) - width) // 2, len(body) - width})
-    return [body[s : s + width] for s in starts]
+    der = base64.b64decode(body)
+    public, twin = _public_parts(found.group(0))
+    step = width // 4 * 3
+    private = [
+        start
+        for start in range(0, len(body) - width + 1, 4)
+        if (chunk := der[start // 4 * 3 : start // 4 * 3 + step]) not in public and chunk not in twin
+    ]
+    if not private:
+        raise ValueError("no private part of the key is long enough to search for")
+    picks = sorted({private[0], private[len(private) // 2], private[-1]})
+    return [body[s : s + width] for s in picks]
+
+
+def _public_parts(block: str) -> tuple[bytes, bytes]:
+    """The key's public key (DER) and a freshly made key of the same kind in the same encoding."""
+    key = serialization.load_pem_private_key(block.encode(), password=None)
+    public = key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    twin: PrivateKeyTypes
+    if isinstance(key, rsa.RSAPrivateKey):
+        twin = rsa.generate_private_key(public_exponent=65537, key_size=key.key_size)
+    elif isinstance(key, ec.EllipticCurvePrivateKey):
+        twin = ec.generate_private_key(key.curve)
+    else:
+        return public, b""
+    pkcs8 = block.startswith("-----BEGIN PRIVATE KEY")
+    form = PrivateFormat.PKCS8 if pkcs8 else PrivateFormat.TraditionalOpenSSL
+    return public, twin.private_bytes(Encoding.DER, form, NoEncryption())
 
 
 def _spellings(value: str) -> dict[str, str]:
@@ -138,6 +174,7 @@ class SecretScanner:
 
     def assert_clean(self, texts: Iterable[tuple[str, str | bytes]]) -> int:
         """Fail with every location found; returns how many texts were scanned (to assert on)."""
+        __tracebackhide__ = True  # pytest would show this frame's arguments: the scanned texts
         listed = list(texts)
         assert self.needles, "no secrets registered: the scan would prove nothing"
         findings = self.scan(listed)

@@ -21,6 +21,7 @@ import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
@@ -45,9 +46,9 @@ from cloudconnector.proxy.health import make_app, start_http
 from cloudconnector.proxy.server import Proxy
 from cloudconnector.ratelimit import RateLimiter
 from cloudconnector.routes import Route
-from tests.aws import conftest as aws
+from tests.aws import conftest as aws_fx
 from tests.aws.conftest import Recorder, VaultRoles, fake_credentials, make_device
-from tests.azure import conftest as azure
+from tests.azure import conftest as azure_fx
 from tests.azure.conftest import HUB_HOST, azure_endpoint
 from tests.azure.conftest import new_device as azure_device
 from tests.azure.hub_double import HubDouble, new_key
@@ -58,8 +59,10 @@ from tests.hardening.secrets_scan import (
     hint,
     pem_slices,
 )
+from tests.operator import conftest as operator_fx
+from tests.operator.conftest import DEVICES, ENDPOINTS, Cluster, Fleet, OperatorProcess, Vault
 from tests.proxy.conftest import Client, Pki, World, proxy_config
-from tests.standalone import conftest as standalone
+from tests.standalone import conftest as standalone_fx
 from tests.standalone.conftest import Site
 from tests.support.pki import CA
 from tests.support.procs import Bao, free_port, port_open, wait_for
@@ -67,15 +70,19 @@ from tests.support.procs import Bao, free_port, port_open, wait_for
 Texts = list[tuple[str, str]]
 
 # The AWS tests' fixtures, under their own names (pytest finds fixtures by module attribute).
-moto = aws.moto
-vault_roles = aws.vault_roles
-keys = aws.keys
-reader = aws.reader
-namespace = aws.namespace
-make_provisioner = aws.make_provisioner
-azure_ca = azure.azure_ca
-site = standalone.site
-clean_env = standalone.clean_env
+moto = aws_fx.moto
+vault_roles = aws_fx.vault_roles
+keys = aws_fx.keys
+reader = aws_fx.reader
+namespace = aws_fx.namespace
+make_provisioner = aws_fx.make_provisioner
+azure_ca = azure_fx.azure_ca
+site = standalone_fx.site
+clean_env = standalone_fx.clean_env
+cluster = operator_fx.cluster
+vault = operator_fx.vault
+fleet = operator_fx.fleet
+operator_env = operator_fx.operator_env
 
 
 @pytest.fixture
@@ -192,6 +199,18 @@ def test_scanner_finds_wrapped_and_encoded_spellings() -> None:
     assert {f.where for f in found} == {"rewrapped", "json", "url"}
     with pytest.raises(ValueError):
         scanner.add("too short", "abc")
+
+
+@pytest.mark.parametrize("rsa_bits", [None, 2048], ids=["ec", "rsa"])
+def test_scanner_does_not_take_a_certificate_for_its_key(rsa_bits: int | None) -> None:
+    """The public parts of a key (the EC point that ends the block, the RSA modulus) are in the
+    certificate too; a certificate in a log is not a leak."""
+    issued = CA().issue("device", client=True, rsa_bits=rsa_bits)
+    scanner = SecretScanner()
+    scanner.add_private_key("key", issued.key_pem)
+    cert_body = "".join(issued.cert_pem.splitlines()[1:-1])
+    assert scanner.scan([("cert", issued.cert_pem), ("cert body", cert_body)]) == []
+    assert {f.where for f in scanner.scan([("key", issued.key_pem)])} == {"key"}
 
 
 # ---------------------------------------------------------------- AWS IoT Core against moto
@@ -545,3 +564,73 @@ def test_standalone_run_and_status_leak_nothing(site: Site, clean_env: dict[str,
             texts.append((f"state file {path.name}", path.read_bytes().decode("latin-1")))
     assert any(where.startswith("state file state.db") for where, _ in texts)
     assert scanner.assert_clean(texts) >= 10
+
+
+# ---------------------------------------------------------------- the kopf operator against kmock
+
+
+async def test_operator_statuses_events_and_output_leak_nothing(
+    cluster: Cluster, fleet: Fleet, vault: Vault, bao: Bao, operator_env: dict[str, str], tmp_path: Path
+) -> None:
+    scanner = SecretScanner()
+    scanner.add("vault root token", bao.token)
+    scanner.add("vault operator token", vault.operator_token)
+    scanner.add("vault proxy token", vault.proxy_token)
+    access, secret = fake_credentials().values()
+    scanner.add("aws secret access key", secret)
+    await cluster.secret("iam", {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret})
+    own = CA().issue("manual-device", client=True)
+    weak = CA().issue("weak-device", client=True, rsa_bits=1024)
+    await cluster.secret("own-cert", {"tls.crt": own.cert_pem, "tls.key": own.key_pem})
+    await cluster.secret("weak-cert", {"tls.crt": weak.cert_pem, "tls.key": weak.key_pem})
+    scanner.add_private_key("manual device key", own.key_pem)
+    scanner.add_private_key("weak manual key", weak.key_pem)
+
+    op = OperatorProcess({**operator_env, "CLOUDCONNECTOR_LOG_LEVEL": "DEBUG"}, tmp_path / "operator.log")
+    proxy_keys = VaultKeyStore(VaultConfig(address=vault.url, token=vault.proxy_token))
+    op.start()
+    try:
+        await fleet.endpoint("aws", secret="iam", make_secret=False)
+        await fleet.group("g", "aws")
+        # An endpoint whose cloud does not answer: its errors go to status and events.
+        down = {"region": "eu-west-1", "endpointUrl": f"http://127.0.0.1:{free_port()}"}
+        down["credentialsSecretRef"] = {"name": "iam"}  # type: ignore[assignment]
+        await cluster.create(ENDPOINTS, "down", {"type": "AwsIotCore", "aws": down})
+        await fleet.group("g-down", "down")
+        for name in ("a", "b"):
+            await fleet.device(name, "g")
+        await fleet.device("manual", "g", credentialsSecretRef={"name": "own-cert"})
+        await fleet.device("weak", "g", credentialsSecretRef={"name": "weak-cert"})
+        await fleet.device("stranded", "g-down")
+
+        before = {}
+        for name in ("a", "b"):
+            before[name] = (await cluster.wait_phase(DEVICES, name, "Ready"))["status"]
+            material = await proxy_keys.get(ObjectRef(cluster.namespace, name))
+            scanner.add_private_key(f"key of {name}", material.private_key_pem)
+        await cluster.wait_phase(DEVICES, "manual", "Ready")
+        await cluster.wait_phase(DEVICES, "weak", "Failed")
+        await cluster.wait_phase(ENDPOINTS, "down", "Error")
+
+        await cluster.patch(DEVICES, "a", {"metadata": {"annotations": {ROTATE_ANNOTATION: "now"}}})
+        await cluster.wait_for(
+            DEVICES, "a", lambda o: (o or {}).get("status", {}).get("rotation", {}).get("token") == "now"
+        )
+        rotated = await proxy_keys.get(ObjectRef(cluster.namespace, "a"))
+        scanner.add_private_key("rotated key of a", rotated.private_key_pem)
+        await cluster.delete(DEVICES, "b")
+        await cluster.wait_gone(DEVICES, "b")
+    finally:
+        op.stop()
+        proxy_keys.close()
+
+    texts: Texts = [("operator output", op.output())]
+    events = 0
+    for (resource, ns, name), obj in cluster.kmock.objects.items():
+        if resource.plural == "secrets":
+            continue  # where credentials are meant to be
+        events += resource.plural == "events"
+        texts.append((f"{resource.plural} {ns}/{name} (every version)", repr(obj)))
+    assert events >= 5
+    assert "DEBUG" in texts[0][1]  # the operator did log at DEBUG
+    assert scanner.assert_clean(texts) > 10
