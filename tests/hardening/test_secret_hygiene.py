@@ -570,7 +570,14 @@ def test_standalone_run_and_status_leak_nothing(site: Site, clean_env: dict[str,
 
 
 async def test_operator_statuses_events_and_output_leak_nothing(
-    cluster: Cluster, fleet: Fleet, vault: Vault, bao: Bao, operator_env: dict[str, str], tmp_path: Path
+    cluster: Cluster,
+    fleet: Fleet,
+    vault: Vault,
+    bao: Bao,
+    operator_env: dict[str, str],
+    tmp_path: Path,
+    hub: RecordingHub,
+    azure_ca: CA,
 ) -> None:
     scanner = SecretScanner()
     scanner.add("vault root token", bao.token)
@@ -586,6 +593,13 @@ async def test_operator_statuses_events_and_output_leak_nothing(
     scanner.add_private_key("manual device key", own.key_pem)
     scanner.add_private_key("weak manual key", weak.key_pem)
 
+    # Azure: a hub policy key that works, and one the hub refuses.
+    shared_key, wrong_key = hub.policies["registryReadWrite"].key, new_key()
+    scanner.add("azure SharedAccessKey", shared_key)
+    scanner.add("wrong SharedAccessKey", wrong_key)
+    await cluster.secret("hub", {"connectionString": hub.connection_string()})
+    await cluster.secret("hub-wrong", {"connectionString": hub.connection_string(key=wrong_key)})
+
     op = OperatorProcess({**operator_env, "CLOUDCONNECTOR_LOG_LEVEL": "DEBUG"}, tmp_path / "operator.log")
     proxy_keys = VaultKeyStore(VaultConfig(address=vault.url, token=vault.proxy_token))
     op.start()
@@ -597,6 +611,13 @@ async def test_operator_statuses_events_and_output_leak_nothing(
         down["credentialsSecretRef"] = {"name": "iam"}  # type: ignore[assignment]
         await cluster.create(ENDPOINTS, "down", {"type": "AwsIotCore", "aws": down})
         await fleet.group("g-down", "down")
+        for secret_name in ("hub", "hub-wrong"):
+            azure_spec = {"hostName": HUB_HOST, "registryUrl": hub.url}
+            azure_spec["credentialsSecretRef"] = {"name": secret_name}  # type: ignore[assignment]
+            spec = {"type": "AzureIotHub", "caCertificate": azure_ca.cert_pem, "azure": azure_spec}
+            await cluster.create(ENDPOINTS, secret_name, spec)
+        await fleet.group("g-hub", "hub")
+        await fleet.device("on-hub", "g-hub")
         for name in ("a", "b"):
             await fleet.device(name, "g")
         await fleet.device("manual", "g", credentialsSecretRef={"name": "own-cert"})
@@ -611,6 +632,10 @@ async def test_operator_statuses_events_and_output_leak_nothing(
         await cluster.wait_phase(DEVICES, "manual", "Ready")
         await cluster.wait_phase(DEVICES, "weak", "Failed")
         await cluster.wait_phase(ENDPOINTS, "down", "Error")
+        await cluster.wait_phase(ENDPOINTS, "hub-wrong", "Error")
+        await cluster.wait_phase(DEVICES, "on-hub", "Ready")
+        on_hub = await proxy_keys.get(ObjectRef(cluster.namespace, "on-hub"))
+        scanner.add_private_key("key of on-hub", on_hub.private_key_pem)
 
         await cluster.patch(DEVICES, "a", {"metadata": {"annotations": {ROTATE_ANNOTATION: "now"}}})
         await cluster.wait_for(
@@ -624,6 +649,8 @@ async def test_operator_statuses_events_and_output_leak_nothing(
         op.stop()
         proxy_keys.close()
 
+    for i, sig in enumerate(sorted(hub.signatures())):
+        scanner.add(f"SAS signature #{i}", sig)
     texts: Texts = [("operator output", op.output())]
     events = 0
     for (resource, ns, name), obj in cluster.kmock.objects.items():
