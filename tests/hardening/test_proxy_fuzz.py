@@ -366,8 +366,10 @@ def test_fuzzed_connections_cost_only_themselves(
 
     for tls in (False, True):
         assert_good_device_relays(world, fleet.proxy, pki, admin, tls)
-    wait_for(lambda: open_connections(fleet.proxy) == 1, what="every fuzzed connection released")
+    # The good devices have disconnected too: nothing may be left open.
+    wait_for(lambda: open_connections(fleet.proxy) == 0, what="every connection released")
     assert errors_counted(fleet.proxy) == 0
+    gc.collect()  # a failed task that nobody awaited is only reported when it is collected
     assert records.alarms() == []
     assert any(r.name == "cloudconnector.proxy" for r in records.records)  # the watch was live
 
