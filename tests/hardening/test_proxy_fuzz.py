@@ -4,7 +4,8 @@ A seeded random run (seed in ``CC_FUZZ_SEED``, printed with any failure so a cas
 sends random bytes and mutated valid packets (truncated, huge or 5-byte remaining lengths, bad
 UTF-8, U+0000, reserved flags, QoS 3, packet id 0, oversized, PUBLISH before CONNECT, a second
 CONNECT) either as the first bytes of a connection or after a known device's valid CONNECT, on
-both relay paths (raw for AWS, packet by packet for Azure) towards a real mosquitto. Afterwards the
+both relay paths (raw for AWS, packet by packet for Azure) towards a real mosquitto; and mutated
+PROXY protocol headers from a trusted balancer's address. Afterwards the
 listeners must still serve a good device end to end, every connection must have been closed, and no
 log record may show an exception that escaped its handler. Seeded random rather than hypothesis:
 each case is a network round trip, and shrinking would replay hundreds of them.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import ipaddress
 import os
 import random
 import socket
@@ -40,6 +42,7 @@ from cloudconnector.mqtt.packets import (
     Unsubscribe,
 )
 from cloudconnector.mqtt.wire import encode_varint
+from cloudconnector.proxy.proxyproto import build_v1, build_v2
 from cloudconnector.routes import Route
 from tests.hardening.conftest import Records
 from tests.proxy.conftest import Client, Pki, ProxyThread, World, client_tls, proxy_config
@@ -399,3 +402,58 @@ def test_memory_bounded_over_many_bad_connections(fleet: Fleet) -> None:
     # Generous: well under 2 KB per connection; a leaked buffer, task or socket per connection
     # would exceed it.
     assert after - before < 1_000_000, f"grew by {after - before} bytes over ~450 bad connections"
+
+
+# ---------------------------------------------------------------- PROXY protocol headers
+
+BALANCER = "127.0.250.1"
+
+
+def mutated_proxy_header(rng: random.Random, device_ip: str, port: int) -> bytes:
+    header = rng.choice((build_v1, build_v2))(device_ip, "127.0.0.1", rng.randrange(1, 65536), port)
+    how = rng.randrange(6)
+    if how == 0:
+        return header[: rng.randrange(1, len(header))]  # cut short, then the CONNECT follows
+    if how == 1:
+        return bytes(b ^ (1 << rng.randrange(8)) if rng.random() < 0.15 else b for b in header)
+    if how == 2:
+        return b"PROXY TCP4 " + rng.randbytes(rng.randrange(1, 200)) + b"\r\n"
+    if how == 3:  # a v2 header announcing a huge or odd address block
+        return header[:14] + rng.randbytes(2) + header[16:]
+    if how == 4:
+        return header[:12] + bytes((rng.randrange(256), rng.randrange(256))) + header[14:]
+    return header
+
+
+def test_fuzzed_proxy_headers_from_a_trusted_balancer(
+    pki: Pki, world: World, admin: Client, records: Records
+) -> None:
+    nets = (ipaddress.ip_network(f"{BALANCER}/32"),)
+    pt = ProxyThread(proxy_config(pki, connect_timeout=CONNECT_TIMEOUT, trusted_proxies=nets), world)
+    try:
+        route = world.add()
+        rng = random.Random(SEED + 2)
+        for n in range(120):
+            header = mutated_proxy_header(rng, route.ip or "", pt.port)
+            case = f"PROXY header case {n} (seed {SEED}): {header!r}"
+            with socket.create_connection(("127.0.0.1", pt.port), source_address=(BALANCER, 0)) as s:
+                send_quietly(s, header + codec.encode(Connect("behind-balancer")))
+                answer = closed_within(s, CLOSE_BOUND, case, end_session=True)
+            # Either dropped, refused (the source is unknown), or the device's own session.
+            assert not answer or answer[:2] == b"\x20\x02", f"{answer!r}: {case}"
+        wait_for(lambda: open_connections(pt) == 0, what="every connection released")
+        assert errors_counted(pt) == 0
+        gc.collect()
+        assert records.alarms() == []
+
+        # The balancer still gets a good device through, end to end.
+        admin.subscribe(f"{route.client_id}/#", 1)
+        header = build_v2(route.ip or "", "127.0.0.1", 40000, pt.port)
+        with socket.create_connection(("127.0.0.1", pt.port), source_address=(BALANCER, 0)) as s:
+            s.sendall(header + codec.encode(Connect("behind-balancer")))
+            assert s.recv(4) == b"\x20\x02\x00\x00"
+            s.sendall(codec.encode(Publish(f"{route.client_id}/up", b"via balancer", 1, packet_id=1)))
+            got = admin.expect()
+            assert (got.topic, got.payload) == (f"{route.client_id}/up", b"via balancer")
+    finally:
+        pt.close()
