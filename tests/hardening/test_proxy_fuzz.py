@@ -286,8 +286,10 @@ class Runner:
 
 
 def open_connections(proxy: ProxyThread) -> float:
-    return proxy.run(
-        lambda: proxy.proxy.metrics.registry.get_sample_value("cloudconnector_proxy_open_connections")
+    return float(
+        proxy.run(
+            lambda: proxy.proxy.metrics.registry.get_sample_value("cloudconnector_proxy_open_connections")
+        )
     )
 
 
