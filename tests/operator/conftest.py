@@ -113,6 +113,19 @@ class Cluster:
     async def wait_gone(self, res: Resource, name: str) -> None:
         await self.wait_for(res, name, lambda o: o is None, "deletion")
 
+    async def wait_events(self, name: str, reasons: set[str]) -> list[dict[str, Any]]:
+        """Wait until events with all ``reasons`` were posted about ``name`` (kopf posts them
+        from a queue, shortly after the status write that the test may have seen first)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEADLINE
+        while True:
+            events = self.events(name)
+            if reasons <= {e.get("reason") for e in events}:
+                return events
+            if loop.time() > deadline:
+                raise AssertionError(f"events {reasons} about {name} not posted; got {events}")
+            await asyncio.sleep(0.1)
+
     def events(self, name: str) -> list[dict[str, Any]]:
         """Events stored about ``name`` (newest last)."""
         found = []

@@ -73,7 +73,7 @@ async def test_manual_credentials_are_adopted(
 
     obj = await cluster.wait_phase(DEVICES, "manual", "Ready")
     assert "delete Secret" in obj["status"]["manualSecret"]
-    assert "DeleteSecret" in {e["reason"] for e in cluster.events("manual")}
+    await cluster.wait_events("manual", {"Adopted", "DeleteSecret"})
     certs = aws().list_certificates()["certificates"]
     assert [c["certificateId"] for c in certs] == [obj["status"]["certificateId"]]
     assert vault.secret_paths(cluster.namespace) == ["manual"]

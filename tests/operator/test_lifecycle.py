@@ -33,7 +33,7 @@ async def test_deletion_leaves_nothing_behind(
     assert len(certs) == 1
     assert policies == {f"{keep}-policy"}
     assert vault.secret_paths(cluster.namespace) == ["keep"]
-    assert "Deprovisioned" in {e["reason"] for e in cluster.events("drop")}
+    await cluster.wait_events("drop", {"Deprovisioned"})
 
     await cluster.delete(DEVICES, "keep")
     await cluster.wait_gone(DEVICES, "keep")
@@ -60,7 +60,7 @@ async def test_rotation_replaces_the_certificate(
     assert status["cloudId"] == before["cloudId"]
     certs = aws().list_certificates()["certificates"]
     assert [c["certificateId"] for c in certs] == [status["certificateId"]]  # the old one is gone
-    assert {"Rotating", "Rotated"} <= {e["reason"] for e in cluster.events("d")}
+    await cluster.wait_events("d", {"Rotating", "Rotated"})
 
 
 async def test_migration_between_endpoints(

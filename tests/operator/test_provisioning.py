@@ -41,8 +41,8 @@ async def test_devices_become_ready(
         GROUPS, "meters", lambda o: (o or {}).get("status", {}).get("provisioned") == 5
     )
     assert group is not None and group["status"]["total"] == 5 and group["status"]["pending"] == 0
-    reasons = {e["reason"] for e in cluster.events(names[0])}
-    assert {"Provisioning", "Provisioned"} <= reasons
+    events = await cluster.wait_events(names[0], {"Provisioning", "Provisioned"})
+    assert all(e["involvedObject"]["kind"] == "Device" for e in events)
 
 
 def api_finalizer(obj: dict[str, Any]) -> bool:
