@@ -11,9 +11,13 @@ by the certificate alone. Cases this OpenSSL (3.0) cannot build are left out, no
 from __future__ import annotations
 
 import contextlib
+import os
+import select
 import socket
 import ssl
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +108,9 @@ def listener(request: pytest.FixtureRequest, pki: Pki, world: World, tmp_path: P
     cert, key = _write(
         pki, pki.ca.issue("localhost", hosts=("localhost",), rsa_bits=bits), tmp_path, "listener"
     )
-    pt = ProxyThread(proxy_config(pki, tls_cert_file=str(cert), tls_key_file=str(key)), world)
+    # A CONNECT timeout far beyond any wait here: a close seen in a test is never the timeout.
+    files = {"tls_cert_file": str(cert), "tls_key_file": str(key)}
+    pt = ProxyThread(proxy_config(pki, connect_timeout=60.0, **files), world)
     lax = LaxServer(cert, key)
     try:
         yield Listener(pt, lax)
@@ -182,4 +188,60 @@ def test_modern_device_tls_is_accepted_and_relayed(
         assert (got.topic, got.payload) == (f"{route.client_id}/up", b"over modern tls")
     finally:
         dev.close()
+    assert records.alarms() == []
+
+
+@pytest.mark.parametrize("listener", ["rsa"], indirect=True)
+def test_device_renegotiation_is_refused(
+    listener: Listener, world: World, pki: Pki, records: Records
+) -> None:
+    """A TLS 1.2 device asking to renegotiate (a cheap way to make the server do handshake work
+    over and over) loses its connection; nothing else is disturbed."""
+    route = world.add()
+    cli = subprocess.Popen(
+        [
+            "openssl",
+            "s_client",
+            "-tls1_2",
+            "-connect",
+            f"127.0.0.1:{listener.proxy.tls_port}",
+            "-bind",
+            f"{route.ip}:0",
+            "-CAfile",
+            str(pki.dir / "ca.crt"),
+            "-verify_return_error",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert cli.stdin is not None and cli.stdout is not None
+    try:
+        seen = []
+        for line in iter(cli.stdout.readline, b""):
+            seen.append(line)
+            if line.strip().startswith(b"Verify return code: 0"):
+                break
+        else:
+            raise AssertionError(b"".join(seen).decode(errors="replace"))
+        cli.stdin.write(b"R\n")  # s_client's renegotiation command
+        cli.stdin.flush()
+        # Standard input stays open: only the proxy closing the connection ends the client.
+        out = b""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if select.select([cli.stdout], [], [], 0.2)[0]:
+                chunk = os.read(cli.stdout.fileno(), 4096)
+                if not chunk:
+                    break
+                out += chunk
+        else:
+            raise AssertionError(f"renegotiation accepted, connection still open: {out!r}")
+        assert b"RENEGOTIATING" in out
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+        cli.wait()
+        cli.stdin.close()
+        cli.stdout.close()
     assert records.alarms() == []
