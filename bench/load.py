@@ -35,12 +35,14 @@ import os
 import resource
 import shutil
 import signal
+import ssl
 import struct
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -285,15 +287,23 @@ async def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
         log(f"stored in the embedded key store in {took:.1f} s")
         bport = free_port()
         write_routes(devices, ca.cert_pem, bport, d)
-        with run_mosquitto(broker_conf(bport, d), bport, d):
+        with run_mosquitto(broker_conf(bport, d), bport, d) as broker:
             sub = Subscriber()
             sink = Conn()
             await sink.open(bport, "load-subscriber", bind=None, tls=tls_client(d / "ca.crt", *_pair(d)))
             sink.on_publish = sub
             sink.writer.write(codec.encode(Subscribe(1, (Subscription("load/#", 1),))))
             await asyncio.sleep(0.3)
-            with run_proxy(d) as (pid, port, http_port):
-                await drive(args, devices, pid, port, http_port, sub, report)
+            cpus = {"broker": broker.proc.pid, "generator": os.getpid()}
+            if args.path == "direct":
+                # The baseline: the same devices and traffic straight to the broker with their own
+                # certificates, to tell the proxy's share of a latency tail from the rest's.
+                ca_file = d / "ca.crt"
+                target = Target(None, bport, None, lambda dev: tls_client(ca_file, dev.cert, dev.key))
+                await drive(args, devices, target, cpus, sub, report)
+            else:
+                with run_proxy(d) as (pid, port, http_port):
+                    await drive(args, devices, Target(pid, port, http_port, None), cpus, sub, report)
             await sink.close()
     finally:
         shutil.rmtree(d, ignore_errors=True)
@@ -303,19 +313,31 @@ def _pair(d: Path) -> tuple[Path, Path]:
     return d / "subscriber.crt", d / "subscriber.key"
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where the devices connect: the proxy (pid, ports) or the broker itself (TLS per device)."""
+
+    pid: int | None
+    port: int
+    http_port: int | None
+    tls_for: Callable[[Device], ssl.SSLContext] | None
+
+
 async def drive(
     args: argparse.Namespace,
     devices: list[Device],
-    pid: int,
-    port: int,
-    http_port: int,
+    target: Target,
+    others: dict[str, int],
     sub: Subscriber,
     report: dict[str, Any],
 ) -> None:
-    base_rss = rss_kib(pid)
-    cpu_start = cpu_seconds(pid)
+    pid, port = target.pid, target.port
+    base_rss = rss_kib(pid) if pid else 0
+    cpu_start = cpu_seconds(pid) if pid else 0.0
+    others_start = {name: cpu_seconds(p) for name, p in others.items()}
     run_start = time.monotonic()
-    report["proxy RSS baseline MiB"] = round(base_rss / 1024, 1)
+    if pid:
+        report["proxy RSS baseline MiB"] = round(base_rss / 1024, 1)
 
     conns: dict[int, Conn] = {}
     failures: list[str] = []
@@ -325,30 +347,36 @@ async def drive(
         async with sem:
             c = Conn()
             try:
-                await asyncio.wait_for(c.open(port, dev.thing, bind=dev.ip, tls=None), args.ack_timeout)
+                tls = target.tls_for(dev) if target.tls_for else None
+                bind = None if tls else dev.ip  # direct: the certificate is the identity
+                await asyncio.wait_for(c.open(port, dev.thing, bind=bind, tls=tls), args.ack_timeout)
             except (OSError, RuntimeError, TimeoutError, asyncio.IncompleteReadError) as e:
                 failures.append(type(e).__name__)
                 return
             conns[i] = c
 
-    log(f"connecting {args.devices} devices through the proxy...")
+    log(f"connecting {args.devices} devices ({args.path})...")
     t0 = time.perf_counter()
     await asyncio.gather(*(connect(i, dev) for i, dev in enumerate(devices)))
     setup = time.perf_counter() - t0
-    cpu_setup = cpu_seconds(pid) - cpu_start
-    await asyncio.sleep(2.0)  # let the proxy's allocations settle before reading idle memory
-    idle_rss = rss_kib(pid)
     report["connected"] = f"{len(conns)}/{args.devices}"
     report["connect failures"] = len(failures)
     report["connection set-up /s"] = round(len(conns) / setup)
-    report["proxy CPU ms per connection"] = round(cpu_setup * 1000 / max(1, len(conns)), 2)
-    report["proxy RSS idle MiB"] = round(idle_rss / 1024, 1)
-    report["proxy KiB per connection"] = round((idle_rss - base_rss) / max(1, len(conns)), 1)
+    if pid:
+        cpu_setup = cpu_seconds(pid) - cpu_start
+        await asyncio.sleep(2.0)  # let the proxy's allocations settle before reading idle memory
+        idle_rss = rss_kib(pid)
+        report["proxy CPU ms per connection"] = round(cpu_setup * 1000 / max(1, len(conns)), 2)
+        report["proxy RSS idle MiB"] = round(idle_rss / 1024, 1)
+        report["proxy KiB per connection"] = round((idle_rss - base_rss) / max(1, len(conns)), 1)
+    else:
+        await asyncio.sleep(2.0)
     log(f"connected {len(conns)} in {setup:.1f} s ({len(failures)} failed)")
 
     for phase, qos in ((1, 1), (2, 0)):
         t = Traffic()
-        cpu0, rss_before = cpu_seconds(pid), rss_kib(pid)
+        cpu0, rss_before = (cpu_seconds(pid), rss_kib(pid)) if pid else (0.0, 0)
+        others0 = {name: cpu_seconds(p) for name, p in others.items()}
         sub.samples.clear()
         start = time.monotonic()
         start_ns = time.monotonic_ns()
@@ -361,7 +389,8 @@ async def drive(
             )
         )
         elapsed = time.monotonic() - start
-        cpu = cpu_seconds(pid) - cpu0
+        cpu = cpu_seconds(pid) - cpu0 if pid else 0.0
+        others_cpu = {name: cpu_seconds(p) - others0[name] for name, p in others.items()}
         await sub.settle()
         got = {k for k in sub.seen if k[0] == phase}
         latencies = [lat for _, lat in sub.samples]
@@ -384,12 +413,15 @@ async def drive(
             "latency max ms": round(max(latencies, default=0) / 1e6, 2),
             # Without the phase's first two intervals: is a tail a start-up burst or steady?
             "p99 after 2 intervals ms": round(pct(steady, 0.99), 2),
-            "proxy CPU s": round(cpu, 2),
-            "proxy CPU % of a core": round(100 * cpu / elapsed, 1),
-            "proxy CPU µs per message": round(cpu * 1e6 / max(1, len(got)), 1),
-            "proxy RSS MiB (end)": round(rss_kib(pid) / 1024, 1),
-            "proxy RSS growth KiB": rss_kib(pid) - rss_before,
         }
+        if pid:
+            row["proxy CPU s"] = round(cpu, 2)
+            row["proxy CPU % of a core"] = round(100 * cpu / elapsed, 1)
+            row["proxy CPU µs per message"] = round(cpu * 1e6 / max(1, len(got)), 1)
+            row["proxy RSS MiB (end)"] = round(rss_kib(pid) / 1024, 1)
+            row["proxy RSS growth KiB"] = rss_kib(pid) - rss_before
+        for name, used in others_cpu.items():
+            row[f"{name} CPU % of a core"] = round(100 * used / elapsed, 1)
         sub.duplicates = 0
         report[f"QoS {qos}"] = row
         for c in conns.values():  # acks that arrived after a timeout must not satisfy the next phase
@@ -397,6 +429,11 @@ async def drive(
                 c.acks.get_nowait()
 
     report["dropped by the end"] = sum(1 for c in conns.values() if c.task is not None and c.task.done())
+    for name, p in others.items():
+        report[f"{name} CPU s total"] = round(cpu_seconds(p) - others_start[name], 2)
+    if not pid or target.http_port is None:
+        await asyncio.gather(*(c.close() for c in conns.values()))
+        return
     report["proxy CPU s total"] = round(cpu_seconds(pid) - cpu_start, 2)
     report["proxy CPU % total"] = round(
         100 * (cpu_seconds(pid) - cpu_start) / (time.monotonic() - run_start), 1
@@ -408,7 +445,7 @@ async def drive(
     # Read while the devices are still connected: the gauges then show the live sessions.
     report["proxy metrics"] = {
         k: v
-        for k, v in (await asyncio.to_thread(proxy_metrics, http_port)).items()
+        for k, v in (await asyncio.to_thread(proxy_metrics, target.http_port)).items()
         if k.startswith("cloudconnector_proxy_") and not k.endswith(("_bucket", "_created"))
     }
     await asyncio.gather(*(c.close() for c in conns.values()))
@@ -428,7 +465,7 @@ def log(text: str) -> None:
 
 def print_report(args: argparse.Namespace, report: dict[str, Any]) -> None:
     print(
-        f"\n{args.devices} devices through one proxy process, {args.seconds:g} s per QoS phase, "
+        f"\n{args.devices} devices ({args.path}), {args.seconds:g} s per QoS phase, "
         f"one {PAYLOAD}-byte message per device every {args.interval:g} s"
     )
     for key, value in report.items():
@@ -453,6 +490,7 @@ def main() -> None:
     p.add_argument("--interval", type=float, default=2.0, help="seconds between a device's messages")
     p.add_argument("--parallel", type=int, default=50, help="connections being set up at once")
     p.add_argument("--ack-timeout", type=float, default=30.0, help="limit on a CONNACK or PUBACK wait")
+    p.add_argument("--path", choices=("proxy", "direct"), default="proxy", help="direct: the baseline")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     p.add_argument("--serve-proxy", type=Path, help=argparse.SUPPRESS)  # the launcher role
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
