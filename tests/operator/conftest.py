@@ -304,11 +304,16 @@ class Fleet:
         secret: str = "aws-keys",
         make_secret: bool = True,
         rate: float = 50,
+        endpoint_url: str | None = None,
     ) -> dict[str, Any]:
         exists = await self.cluster.client.get(SECRETS, self.cluster.namespace, secret) is not None
         if make_secret and not exists:
             await self.cluster.secret(secret, dict(FAKE_KEYS))
-        aws: dict[str, Any] = {"region": region, "endpointUrl": self.moto_url, "thingPrefix": prefix}
+        aws: dict[str, Any] = {
+            "region": region,
+            "endpointUrl": endpoint_url or self.moto_url,
+            "thingPrefix": prefix,
+        }
         aws["credentialsSecretRef"] = {"name": secret}
         spec = {"type": "AwsIotCore", "rateLimit": {"devicesPerSecond": rate}, "aws": aws}
         return await self.cluster.create(ENDPOINTS, name, spec)

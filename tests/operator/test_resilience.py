@@ -12,7 +12,8 @@ import hvac
 
 from cloudconnector.keystore.vault_setup import bootstrap
 from tests.operator.conftest import DEVICES, ENDPOINTS, Cluster, Fleet, OperatorProcess, Vault
-from tests.support.procs import Bao
+from tests.support.faults import THROTTLING, FaultProxy
+from tests.support.procs import Bao, Moto
 
 
 def mid_provisioning(obj: dict[str, Any] | None) -> bool:
@@ -122,3 +123,28 @@ async def test_vault_down_devices_wait_and_retry(
         finally:
             spare_bao.proc.send_signal(signal.SIGCONT)
             op.stop()
+
+
+DEVICES_KEY = f"{DEVICES.group}/{DEVICES.version}/{DEVICES.plural}"
+
+
+async def test_throttling_never_fails_a_device(
+    cluster: Cluster, fleet: Fleet, operator: OperatorProcess, aws: Any, moto_server: Moto
+) -> None:
+    async with FaultProxy(moto_server.url) as proxy:
+        proxy.arm(THROTTLING, first=3, fraction=0.3)  # AWS answers ThrottlingException, often
+        await fleet.endpoint("throttled", endpoint_url=proxy.url)
+        await fleet.group("g", "throttled")
+        names = [f"t{i}" for i in range(4)]
+        for name in names:
+            await fleet.device(name, "g")
+        for name in names:
+            await cluster.wait_phase(DEVICES, name, "Ready")
+        assert proxy.faulted > 3
+    # No version of any device's status ever said Failed.
+    for name in names:
+        history = cluster.kmock.objects[DEVICES_KEY, cluster.namespace, name].history
+        phases = {((v or {}).get("status") or {}).get("phase") for v in history}
+        assert "Failed" not in phases and "Ready" in phases
+    certs = aws().list_certificates()["certificates"]
+    assert len(certs) == len(names) and all(c["status"] == "ACTIVE" for c in certs)
