@@ -14,6 +14,7 @@ keys were rejected; retry slowly), any other :class:`PermanentError` (phase Fail
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -144,9 +145,10 @@ class DeviceReconciler:
             previous = st.get("endpoint")
             moving = bool(previous and previous != endpoint.ref.name)
             rotating = device.rotate_token is not None and _handled_token(st) != device.rotate_token
+            renewing = has_identity(st) and renewal_due(st)
             # A finished identity keeps working while its Endpoint is not Ready (for instance after
             # its API keys were revoked on purpose): only new work waits for the Endpoint.
-            if not endpoint_ready and (moving or rotating or not has_identity(st)):
+            if not endpoint_ready and (moving or rotating or renewing or not has_identity(st)):
                 raise WaitingError("EndpointNotReady", f"Endpoint {endpoint.ref.name!r} is not Ready")
             if moving:
                 assert previous is not None
@@ -156,8 +158,8 @@ class DeviceReconciler:
                     await self._adopt(device, endpoint, st, write, report)
                 else:
                     await self._provision(device, endpoint, st, write, report)
-            elif rotating:
-                await self._rotate(device, endpoint, st, write, report)
+            elif rotating or renewing:
+                await self._rotate(device, endpoint, st, write, report, renewal=not rotating)
             self._mark_ready(device, st)
         await write(st)
         if failure.error is not None:
@@ -248,17 +250,26 @@ class DeviceReconciler:
         report.warn("DeleteSecret", f"Secret {device.credentials_secret} is no longer needed: delete it")
 
     async def _rotate(
-        self, device: Device, endpoint: Endpoint, st: Status, write: _Writer, report: Reporter
+        self,
+        device: Device,
+        endpoint: Endpoint,
+        st: Status,
+        write: _Writer,
+        report: Reporter,
+        *,
+        renewal: bool = False,
     ) -> None:
-        token = device.rotate_token
+        # A renewal keeps the handled token, so the annotation does not count as seen before it was.
+        token = _handled_token(st) if renewal else device.rotate_token
         if not cond.is_true(st, cond.ROTATING):
-            cond.set_condition(
-                st,
-                Condition(cond.ROTATING, cond.TRUE, "RotationRequested", f"token {token}"),
-                device.generation,
+            reason, why = (
+                ("RenewalDue", f"certificate expires {st.get('notAfter')}")
+                if renewal
+                else ("RotationRequested", f"token {token}")
             )
+            cond.set_condition(st, Condition(cond.ROTATING, cond.TRUE, reason, why), device.generation)
             await write(st)
-            report.info("Rotating", f"new certificate requested (token {token})")
+            report.info("Rotating", f"new certificate requested: {why}")
         provisioner = await self._provisioners.get(endpoint)
         identity = await provisioner.rotate(
             device, st.setdefault("progress", {}), _checkpoint(st, write), self._keys
@@ -367,6 +378,25 @@ def _record(st: Status, identity: CloudIdentity) -> None:
             st[key] = value
         else:
             st.pop(key, None)
+
+
+def renewal_due(st: Mapping[str, Any], now: dt.datetime | None = None) -> bool:
+    """True once the time the provisioner recorded in ``progress.renewAfter`` has passed.
+
+    Provisioners that issue short-lived certificates (Azure: self-signed, renewed at two thirds of
+    their lifetime) record it; AWS's certificates outlive any fleet and record none.
+    """
+    progress = st.get("progress")
+    when = progress.get("renewAfter") if isinstance(progress, Mapping) else None
+    if not isinstance(when, str):
+        return False
+    try:
+        due = dt.datetime.fromisoformat(when.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    if due.tzinfo is None:
+        due = due.replace(tzinfo=dt.UTC)
+    return (now or dt.datetime.now(dt.UTC)) >= due
 
 
 def _handled_token(st: Mapping[str, Any]) -> str | None:

@@ -13,6 +13,8 @@
     Seconds between Group/Endpoint count refreshes (default 10).
 ``CLOUDCONNECTOR_CONFLICT_RECHECK``
     Seconds between re-checks of Devices in phase Conflict (default 15).
+``CLOUDCONNECTOR_RENEWAL_CHECK``
+    Seconds between checks whether a Ready device's certificate is due for renewal (default 3600).
 ``CLOUDCONNECTOR_CREDENTIALS_RETRY``
     Seconds before a device retries after its Endpoint's keys were rejected (default 120).
 ``CLOUDCONNECTOR_RATE_BURST``
@@ -46,6 +48,7 @@ class OperatorConfig:
     status_interval: float = 10.0
     conflict_recheck: float = 15.0
     credentials_retry: float = 120.0
+    renewal_check: float = 3600.0
     rate_burst: float = 1.0
     consistency_timeout: float = 5.0
     liveness: str | None = None
@@ -64,6 +67,7 @@ class OperatorConfig:
             status_interval=_seconds(env, "CLOUDCONNECTOR_STATUS_INTERVAL", 10.0),
             conflict_recheck=_seconds(env, "CLOUDCONNECTOR_CONFLICT_RECHECK", 15.0),
             credentials_retry=_seconds(env, "CLOUDCONNECTOR_CREDENTIALS_RETRY", 120.0),
+            renewal_check=_seconds(env, "CLOUDCONNECTOR_RENEWAL_CHECK", 3600.0),
             rate_burst=_seconds(env, "CLOUDCONNECTOR_RATE_BURST", 1.0),
             consistency_timeout=_seconds(env, "CLOUDCONNECTOR_CONSISTENCY_TIMEOUT", 5.0),
             liveness=env.get("CLOUDCONNECTOR_LIVENESS") or None,

@@ -185,6 +185,32 @@ async def device_waiting(
         await _reconcile_device(namespace, name, memo, endpoints_idx, groups_idx, device_peers)
 
 
+def _renews(status: Mapping[str, Any]) -> bool:
+    progress = status.get("progress")
+    return isinstance(progress, Mapping) and bool(progress.get("renewAfter"))
+
+
+@kopf.timer(
+    *DEVICE_KIND,
+    interval=CONFIG.renewal_check,
+    idle=CONFIG.renewal_check,
+    when=lambda status, **_: status.get("phase") == dev.READY and _renews(status),
+)
+async def device_renewal(
+    namespace: str,
+    name: str,
+    status: kopf.Status,
+    memo: kopf.Memo,
+    endpoints_idx: kopf.Index[Any, Any],
+    groups_idx: kopf.Index[Any, Any],
+    device_peers: kopf.Index[Any, Any],
+    **_: Any,
+) -> None:
+    """Short-lived certificates (Azure) are renewed by the core once their renewAfter has passed."""
+    if dev.renewal_due(status):
+        await _reconcile_device(namespace, name, memo, endpoints_idx, groups_idx, device_peers)
+
+
 @kopf.on.delete(*DEVICE_KIND)
 async def device_deleted(
     namespace: str,
