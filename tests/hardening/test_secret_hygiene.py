@@ -275,7 +275,8 @@ async def test_aws_provision_rotate_deprovision_leak_nothing(
     texts += captured(logs, caplog)
 
     assert len(logs.records) > 20  # botocore and urllib3 did log at DEBUG: the scan had material
-    assert scanner.assert_clean(texts) > 40
+    scanned = scanner.assert_clean(texts)  # apart: pytest would print the texts of a failed assert
+    assert scanned > 40
 
 
 # ---------------------------------------------------------------- Azure IoT Hub against the registry double
@@ -365,7 +366,8 @@ async def test_azure_provision_rotate_deprovision_leak_nothing(
     texts += [("registry credentials repr", repr(parse_connection_string(hub.connection_string())))]
     texts += [("provisioner repr", repr(prov)), ("endpoint repr", repr(endpoint))]
     texts += captured(logs, caplog)
-    assert scanner.assert_clean(texts) > 20
+    scanned = scanner.assert_clean(texts)  # apart: pytest would print the texts of a failed assert
+    assert scanned > 20
 
 
 # ---------------------------------------------------------------- the proxy with keys from OpenBao
@@ -471,7 +473,8 @@ async def test_proxy_relay_and_failures_leak_nothing(
     refusals = sum(line.startswith("device refused") for line in proxy_lines)
     assert refusals == 5  # each failure path ran and said why (upstream, TLS, key, no key, unknown)
     texts += captured(logs, caplog)
-    assert scanner.assert_clean(texts) > 20
+    scanned = scanner.assert_clean(texts)  # apart: pytest would print the texts of a failed assert
+    assert scanned > 20
 
 
 # ---------------------------------------------------------------- cloud-connector run / status
@@ -543,16 +546,20 @@ def test_standalone_run_and_status_leak_nothing(site: Site, clean_env: dict[str,
         text=True,
     )
     try:
-        wait_for(lambda: port_open("127.0.0.1", port), what="standalone proxy")
+        # Generous: a loaded CI machine starts Python with boto3 slowly.
+        listening = lambda: proc.poll() is not None or port_open("127.0.0.1", port)  # noqa: E731
+        wait_for(listening, timeout=90, what="standalone proxy")
+        assert proc.poll() is None, f"run --watch exited with {proc.returncode}"  # output is scanned below
         hello = Connect("meter", username="u", password=b"p" * 12)
         # Until the first pass has published the routes, the device is unknown (5); then its key is
         # read and the unreachable cloud answers server unavailable (3).
-        wait_for(lambda: asyncio.run(_connack(port, "127.21.0.2", hello))[3] == 3, what="routed device")
+        unavailable = lambda: asyncio.run(_connack(port, "127.21.0.2", hello))[3] == 3  # noqa: E731
+        wait_for(unavailable, timeout=60, what="routed device")
         with urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=5) as r:
             texts.append(("standalone /metrics", r.read().decode()))
         # Deleting a device deprovisions it while the process watches.
         manifests(site.device(0, ip="127.21.0.2"))
-        wait_for(lambda: len(site.things()) == 1, what="deprovisioning")
+        wait_for(lambda: len(site.things()) == 1, timeout=60, what="deprovisioning")
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
@@ -563,7 +570,8 @@ def test_standalone_run_and_status_leak_nothing(site: Site, clean_env: dict[str,
         if path.name != "master.key":  # the key file is where the master key is meant to be
             texts.append((f"state file {path.name}", path.read_bytes().decode("latin-1")))
     assert any(where.startswith("state file state.db") for where, _ in texts)
-    assert scanner.assert_clean(texts) >= 10
+    scanned = scanner.assert_clean(texts)  # apart: pytest would print the texts of a failed assert
+    assert scanned >= 10
 
 
 # ---------------------------------------------------------------- the kopf operator against kmock
@@ -660,4 +668,51 @@ async def test_operator_statuses_events_and_output_leak_nothing(
         texts.append((f"{resource.plural} {ns}/{name} (every version)", repr(obj)))
     assert events >= 5
     assert "DEBUG" in texts[0][1]  # the operator did log at DEBUG
-    assert scanner.assert_clean(texts) > 10
+    scanned = scanner.assert_clean(texts)  # apart: pytest would print the texts of a failed assert
+    assert scanned > 10
+
+
+def test_standalone_with_vault_tokens_leaks_nothing(
+    site: Site, clean_env: dict[str, str], vault_roles: VaultRoles, bao: Bao
+) -> None:
+    scanner = SecretScanner()
+    vault_secrets(scanner, bao, vault_roles)
+    access, secret = fake_credentials().values()
+    scanner.add("aws secret access key", secret)
+    site.namespace = f"sa-{site.prefix.rstrip('-')}"  # a Vault slot of its own
+    iam, endpoint = site.endpoint()
+    iam["stringData"] = {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret}
+    site.write("endpoint.yaml", [iam, endpoint, site.group("meters")])
+    site.write("devices.yaml", [site.device(0), site.device(1)])
+    env = {
+        **clean_env,
+        "VAULT_ADDR": vault_roles.url,
+        "VAULT_TOKEN": vault_roles.operator_token,
+        "CLOUDCONNECTOR_PROXY_VAULT_TOKEN": vault_roles.proxy_token,
+    }
+    texts: Texts = []
+    done = _cli(site, env, "run", "-f", str(site.manifests), "--once")
+    texts += [("stdout of run --once", done.stdout), ("stderr of run --once", done.stderr)]
+    assert done.returncode == 0
+    reader_ = VaultKeyStore(VaultConfig(address=vault_roles.url, token=vault_roles.proxy_token))
+    try:
+        for i in (0, 1):
+            ref = ObjectRef(site.namespace, f"meter-{i:04d}")
+            scanner.add_private_key(f"key of {ref.name}", asyncio.run(reader_.get(ref)).private_key_pem)
+    finally:
+        reader_.close()
+
+    # A token Vault does not know: the run fails, and says so without repeating it.
+    wrong = "hvs.wrong-" + uuid.uuid4().hex
+    scanner.add("wrong vault token", wrong)
+    site.write("devices.yaml", [site.device(0), site.device(1), site.device(2)])
+    refused = _cli(site, {**env, "VAULT_TOKEN": wrong}, "run", "-f", str(site.manifests), "--once")
+    texts += [("stdout of refused run", refused.stdout), ("stderr of refused run", refused.stderr)]
+    assert refused.returncode != 0
+    status = _cli(site, env, "status", "all")
+    texts += [("stdout of status", status.stdout), ("stderr of status", status.stderr)]
+    assert status.returncode == 0 and "meter-0002" in status.stdout
+    for path in sorted(site.state.iterdir()):
+        texts.append((f"state file {path.name}", path.read_bytes().decode("latin-1")))
+    scanned = scanner.assert_clean(texts)  # apart: pytest would print the texts of a failed assert
+    assert scanned >= 7
