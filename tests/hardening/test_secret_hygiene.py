@@ -43,6 +43,7 @@ from cloudconnector.model import EndpointType, ObjectRef
 from cloudconnector.mqtt import codec
 from cloudconnector.mqtt.packets import Connect
 from cloudconnector.proxy.health import make_app, start_http
+from cloudconnector.proxy.main import JsonFormatter
 from cloudconnector.proxy.server import Proxy
 from cloudconnector.ratelimit import RateLimiter
 from cloudconnector.routes import Route
@@ -125,6 +126,8 @@ def captured(handler: RecordingHandler, caplog: pytest.LogCaptureFixture) -> Tex
     texts = list(handler.texts())
     texts.append(("caplog text", caplog.text))
     texts += [(f"caplog record #{i}", r.getMessage()) for i, r in enumerate(caplog.records)]
+    as_json = JsonFormatter()  # the cluster proxy's log format, extra fields included
+    texts += [(f"log record #{i} as JSON", as_json.format(r)) for i, r in enumerate(handler.records)]
     caplog.clear()
     return texts
 
@@ -456,6 +459,15 @@ async def test_proxy_relay_and_failures_leak_nothing(
                 ]
             }
             answers["unknown"] = await _connack(port, "127.0.9.9", hello)
+            # The proxy's own Vault token refused (expired, revoked): the device is turned away.
+            wrong = "hvs.wrong-" + uuid.uuid4().hex
+            scanner.add("wrong proxy vault token", wrong)
+            locked_out = VaultKeyStore(VaultConfig(address=vault_roles.url, token=wrong))
+            try:
+                async with Proxy(proxy_config(pki), world.directory, locked_out) as other:
+                    answers["locked out"] = await _connack(other.ports["mqtt"], relayed.ip or "", hello)
+            finally:
+                locked_out.close()
             async with (
                 aiohttp.ClientSession() as session,
                 session.get(f"http://127.0.0.1:{http}/metrics") as r,
@@ -466,12 +478,12 @@ async def test_proxy_relay_and_failures_leak_nothing(
     assert answers["generic"][:4] == b"\x20\x02\x00\x00"
     assert {answers[n][:4] for n in ("down", "untrusted")} == {b"\x20\x02\x00\x03"}
     assert answers["unknown"][:4] == b"\x20\x02\x00\x05"
-    assert {answers[n][:3] for n in ("unusable", "missing")} == {b"\x20\x02\x00"}
+    assert {answers[n][:3] for n in ("unusable", "missing", "locked out")} == {b"\x20\x02\x00"}
     texts += [(f"answer to {n}", repr(a)) for n, a in answers.items()]
     texts += [("proxy config repr", repr(proxy_config(pki))), ("reader repr", repr(reader))]
     proxy_lines = [r.getMessage() for r in logs.records if r.name.startswith("cloudconnector.proxy")]
     refusals = sum(line.startswith("device refused") for line in proxy_lines)
-    assert refusals == 5  # each failure path ran and said why (upstream, TLS, key, no key, unknown)
+    assert refusals == 6  # each failure path said why: upstream, TLS, key, no key, unknown, Vault
     texts += captured(logs, caplog)
     scanned = scanner.assert_clean(texts)  # apart: pytest would print the texts of a failed assert
     assert scanned > 20
