@@ -32,8 +32,9 @@ PEM_SLICE = 40
 MIN_SECRET = 8  # shorter strings would match by accident (and are not secrets worth the name)
 _PEM_BLOCK = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----(.*?)-----END [A-Z ]*PRIVATE KEY-----", re.S)
 _PRIVATE_MARKER = "PRIVATE KEY-----"
-# Line breaks as they appear raw, JSON/repr-escaped, or inside a repr of bytes.
-_BREAKS = re.compile(r"\\r|\\n|\r|\n")
+# Line breaks raw or escaped any number of times (JSON in a repr of bytes in a log line: ``\\\\n``);
+# a backslash is never part of base64, so this cannot cut into a key's body.
+_BREAKS = re.compile(r"\\+[rn]|\r|\n")
 
 
 def hint(value: str) -> str:
@@ -65,12 +66,12 @@ class Finding:
 
 
 def pem_slices(pem: str | bytes, width: int = PEM_SLICE) -> list[str]:
-    """Slices of a PEM private key's base64 body that carry private bytes: first, middle, last.
+    """Slices of a PEM private key's base64 body found in that key only: first, middle, last.
 
     A key's encoding also holds public parts (an RSA modulus, the EC public point at the end of
     the block) that rightly appear in certificates, and a header that every key of its kind
     shares. Slices start on 4-character boundaries, so each stands for whole DER bytes; a slice
-    whose bytes occur in the public key, or in a fresh key of the same kind, is not used.
+    whose bytes all occur in the public key, or in a fresh key of the same kind, is not used.
     """
     text = pem.decode() if isinstance(pem, bytes) else pem
     found = _PEM_BLOCK.search(text)
