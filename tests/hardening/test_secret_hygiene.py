@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import json
 import logging
 import os
@@ -95,7 +94,8 @@ def logs(caplog: pytest.LogCaptureFixture) -> Iterator[RecordingHandler]:
     handler = RecordingHandler()
     root = logging.getLogger()
     # pytest's report handler would print the records of a failing test, leaked secrets included.
-    muted = [h for h in root.handlers if isinstance(h, LogCaptureHandler) and h is not caplog.handler]
+    reporting = [h for h in root.handlers if isinstance(h, LogCaptureHandler) and h is not caplog.handler]
+    muted = {h: h.level for h in reporting}
     for h in muted:
         h.setLevel(logging.CRITICAL + 1)
     known = logging.root.manager.loggerDict.items()
@@ -115,8 +115,8 @@ def logs(caplog: pytest.LogCaptureFixture) -> Iterator[RecordingHandler]:
     finally:
         root.removeHandler(handler)
         root.setLevel(root_level)
-        for h in muted:
-            h.setLevel(logging.NOTSET)
+        for h, level in muted.items():
+            h.setLevel(level)
         for lg in isolated:
             lg.removeHandler(handler)
         for name, level in saved.items():
@@ -124,7 +124,7 @@ def logs(caplog: pytest.LogCaptureFixture) -> Iterator[RecordingHandler]:
 
 
 def captured(handler: RecordingHandler, caplog: pytest.LogCaptureFixture) -> Texts:
-    """The logs to scan; caplog is emptied so that a failing test does not print them (and a leak)."""
+    """Everything the logs hold, for the scan; caplog is emptied once read, as it holds secrets."""
     texts = list(handler.texts())
     texts.append(("caplog text", caplog.text))
     texts += [(f"caplog record #{i}", r.getMessage()) for i, r in enumerate(caplog.records)]
@@ -239,7 +239,7 @@ async def test_aws_provision_rotate_deprovision_leak_nothing(
     rec = Recorder()
     first = await prov.provision(device, {}, rec, keys)
     scanner.add_private_key("first device key", (await reader.get(device.ref)).private_key_pem)
-    rotated = await prov.rotate(dataclasses.replace(device, rotate_token="r1"), rec.last, rec, keys)
+    rotated = await prov.rotate(replace(device, rotate_token="r1"), rec.last, rec, keys)
     material = await reader.get(device.ref)
     scanner.add_private_key("rotated device key", material.private_key_pem)
     assert rotated.certificate_id != first.certificate_id
@@ -333,7 +333,7 @@ async def test_azure_provision_rotate_deprovision_leak_nothing(
         await prov.check()
         first = await prov.provision(device, {}, rec, keys)
         scanner.add_private_key("first device key", (await reader.get(device.ref)).private_key_pem)
-        rotated = await prov.rotate(dataclasses.replace(device, rotate_token="r1"), rec.last, rec, keys)
+        rotated = await prov.rotate(replace(device, rotate_token="r1"), rec.last, rec, keys)
         scanner.add_private_key("rotated device key", (await reader.get(device.ref)).private_key_pem)
         await prov.deprovision(device, rec.last, rec)
     finally:
