@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -104,6 +105,8 @@ def serve_proxy(workdir: Path, port: int, http_port: int) -> None:
     from cloudconnector.proxy.server import Proxy
 
     logging.basicConfig(level=logging.WARNING, format="proxy %(levelname)s %(name)s: %(message)s")
+    pauses = GcPauses()
+    gc.callbacks.append(pauses)
     spec = json.loads((workdir / "routes.json").read_text())
     routes = [
         Route(
@@ -142,10 +145,37 @@ def serve_proxy(workdir: Path, port: int, http_port: int) -> None:
         await proxy.start()
         print("ready", flush=True)
         await stop.wait()
+        # Written before the sessions end: the pauses of the run itself, not of the shutdown.
+        (workdir / "gc.json").write_text(json.dumps(pauses.summary()))
         await proxy.stop(drain_seconds=0)
         await runner.cleanup()
 
     uvloop.run(main())
+
+
+class GcPauses:
+    """Times the cyclic collector in the proxy process: a full collection over thousands of
+    sessions stops the event loop, which shows up as a latency tail for every device at once."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.pauses: dict[int, list[int]] = {0: [], 1: [], 2: []}
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self.started = time.perf_counter_ns()
+        else:
+            self.pauses[info["generation"]].append(time.perf_counter_ns() - self.started)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            f"gen{g}": {
+                "count": len(p),
+                "total ms": round(sum(p) / 1e6, 1),
+                "max ms": round(max(p, default=0) / 1e6, 1),
+            }
+            for g, p in self.pauses.items()
+        }
 
 
 @contextlib.contextmanager
@@ -304,6 +334,8 @@ async def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
             else:
                 with run_proxy(d) as (pid, port, http_port):
                     await drive(args, devices, Target(pid, port, http_port, None), cpus, sub, report)
+                with contextlib.suppress(OSError, ValueError):
+                    report["proxy GC pauses"] = json.loads((d / "gc.json").read_text())
             await sink.close()
     finally:
         shutil.rmtree(d, ignore_errors=True)
@@ -474,7 +506,7 @@ def print_report(args: argparse.Namespace, report: dict[str, Any]) -> None:
         if isinstance(value, dict):
             print(f"{key}:")
             for k, v in value.items():
-                print(f"  {k:<56} {v:g}")
+                print(f"  {k:<56} {v:g}" if isinstance(v, float | int) else f"  {k:<56} {v}")
         else:
             print(f"{key:<40}{value}")
     phases = [k for k in report if k.startswith("QoS") and isinstance(report[k], dict)]
