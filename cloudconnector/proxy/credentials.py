@@ -68,7 +68,9 @@ def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(DEVICE_CIPHERS)
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    # Renegotiation is refused explicitly rather than by the OpenSSL build's default: a device must
+    # not be able to re-handshake into different parameters mid-session.
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
     ctx.load_cert_chain(cert_file, key_file)
     return ctx
 
