@@ -141,7 +141,12 @@ def serve_proxy(workdir: Path, port: int, http_port: int) -> None:
         proxy = Proxy(cfg, StaticDirectory(routes), keys)
         runner, _ = await start_http(make_app(proxy.metrics, lambda: proxy.accepting), "127.0.0.1", http_port)
         stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        # --gc-freeze: the parent signals once every session is set up; the collector then no
+        # longer walks the long-lived session objects on each full collection.
+        loop.add_signal_handler(signal.SIGUSR1, gc.freeze)
+        loop.add_signal_handler(signal.SIGUSR2, pauses.mark)
         await proxy.start()
         print("ready", flush=True)
         await stop.wait()
@@ -159,22 +164,28 @@ class GcPauses:
 
     def __init__(self) -> None:
         self.started = 0
-        self.pauses: dict[int, list[int]] = {0: [], 1: [], 2: []}
+        self.part = "set-up"
+        self.pauses: dict[tuple[str, int], list[int]] = {}
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self.started = time.perf_counter_ns()
         else:
-            self.pauses[info["generation"]].append(time.perf_counter_ns() - self.started)
+            key = (self.part, info["generation"])
+            self.pauses.setdefault(key, []).append(time.perf_counter_ns() - self.started)
+
+    def mark(self) -> None:
+        """The parent's signal that every device is connected: later pauses hit traffic."""
+        self.part = "traffic"
 
     def summary(self) -> dict[str, Any]:
         return {
-            f"gen{g}": {
+            f"{part} gen{g}": {
                 "count": len(p),
                 "total ms": round(sum(p) / 1e6, 1),
                 "max ms": round(max(p, default=0) / 1e6, 1),
             }
-            for g, p in self.pauses.items()
+            for (part, g), p in sorted(self.pauses.items())
         }
 
 
@@ -404,6 +415,11 @@ async def drive(
     else:
         await asyncio.sleep(2.0)
     log(f"connected {len(conns)} in {setup:.1f} s ({len(failures)} failed)")
+    if pid:
+        os.kill(pid, signal.SIGUSR2)
+    if pid and args.gc_freeze:
+        os.kill(pid, signal.SIGUSR1)
+        report["proxy gc.freeze() after set-up"] = "yes"
 
     for phase, qos in ((1, 1), (2, 0)):
         t = Traffic()
@@ -523,6 +539,7 @@ def main() -> None:
     p.add_argument("--parallel", type=int, default=50, help="connections being set up at once")
     p.add_argument("--ack-timeout", type=float, default=30.0, help="limit on a CONNACK or PUBACK wait")
     p.add_argument("--path", choices=("proxy", "direct"), default="proxy", help="direct: the baseline")
+    p.add_argument("--gc-freeze", action="store_true", help="gc.freeze() in the proxy after set-up")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     p.add_argument("--serve-proxy", type=Path, help=argparse.SUPPRESS)  # the launcher role
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
