@@ -20,8 +20,13 @@ A subscriber on the broker counts messages by unique (phase, device, sequence) i
 duplicates are exact; the payload carries the send time for end-to-end latency. It reports the
 proxy process's CPU seconds and share of one core, RSS (baseline, idle with all connected, peak
 VmHWM) and RSS per connection, the connection set-up rate, messages sent/acknowledged/received,
-loss (must be 0 at QoS 1) and latency p50/p99. Bounded: every wait has a limit, the run stops by
-itself, and ``--json FILE`` also writes the figures for the record.
+loss (must be 0 at QoS 1) and latency p50/p99, and the proxy's garbage-collection pauses.
+Bounded: every wait has a limit, the run stops by itself, and ``--json FILE`` also writes the
+figures for the record.
+
+``--path direct`` runs the same devices and traffic straight to the broker (the baseline for
+latency); ``--gc-freeze`` calls ``gc.freeze()`` in the proxy once every device is connected.
+Recorded runs and what they mean: ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
