@@ -1,0 +1,57 @@
+"""Crash consistency, CI size: the operator SIGKILLed at random moments while it provisions, then
+an audit of moto and Vault against the Devices (the full-size run is ``python bench/crash.py``).
+
+The size and seed can be changed through the environment (bench/crash.py does):
+``CLOUDCONNECTOR_CRASH_DEVICES``, ``_KILLS``, ``_RATE``, ``_SEED``. A failure prints the seed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+from tests.hardening.crashloop import Plan, audit, crash_loop, report
+from tests.operator.conftest import (  # noqa: F401  (fixtures reused)
+    Cluster,
+    Fleet,
+    OperatorProcess,
+    Vault,
+    aws,
+    cluster,
+    fleet,
+    operator,
+    operator_env,  # operator's own fixtures must be visible here too
+    vault,
+)
+
+
+def plan_from_env() -> Plan:
+    env = os.environ.get
+    seed = int(env("CLOUDCONNECTOR_CRASH_SEED") or random.SystemRandom().randrange(1 << 16))
+    return Plan(
+        devices=int(env("CLOUDCONNECTOR_CRASH_DEVICES") or 20),
+        kills=int(env("CLOUDCONNECTOR_CRASH_KILLS") or 6),
+        seed=seed,
+        rate=float(env("CLOUDCONNECTOR_CRASH_RATE") or 4),
+        delay=(1.0, 3.0),
+    )
+
+
+async def test_random_kills_leave_one_identity_per_device(
+    cluster: Cluster,  # noqa: F811
+    fleet: Fleet,  # noqa: F811
+    operator: OperatorProcess,  # noqa: F811
+    aws: Any,  # noqa: F811
+    vault: Vault,  # noqa: F811
+) -> None:
+    plan = plan_from_env()
+    try:
+        run = await crash_loop(cluster, fleet, operator, plan)
+    except AssertionError as e:
+        raise AssertionError(f"seed {plan.seed}: {e}") from None
+    problems = await audit(cluster, aws(), vault, run.names)
+    summary = report(run, problems)
+    print(summary)
+    assert not problems, summary
+    assert len(run.kills) == plan.kills
