@@ -2,8 +2,10 @@
 an audit of moto and Vault against the Devices (the full-size run is ``python bench/crash.py``).
 
 The size and seed can be changed through the environment (bench/crash.py does):
-``CLOUDCONNECTOR_CRASH_DEVICES``, ``_KILLS``, ``_RATE``, ``_SEED``. A failure prints the seed.
+``CLOUDCONNECTOR_CRASH_DEVICES``, ``_KILLS``, ``_RATE``, ``_SEED``, ``_SETTLE``. A failure prints the seed.
 """
+
+# ruff: noqa: F811  (fixtures imported from tests/operator/conftest.py are parameters here)
 
 from __future__ import annotations
 
@@ -35,15 +37,16 @@ def plan_from_env() -> Plan:
         seed=seed,
         rate=float(env("CLOUDCONNECTOR_CRASH_RATE") or 4),
         delay=(1.0, 3.0),
+        settle_deadline=float(env("CLOUDCONNECTOR_CRASH_SETTLE") or 120),
     )
 
 
 async def test_random_kills_leave_one_identity_per_device(
-    cluster: Cluster,  # noqa: F811
-    fleet: Fleet,  # noqa: F811
-    operator: OperatorProcess,  # noqa: F811
-    aws: Any,  # noqa: F811
-    vault: Vault,  # noqa: F811
+    cluster: Cluster,
+    fleet: Fleet,
+    operator: OperatorProcess,
+    aws: Any,
+    vault: Vault,
 ) -> None:
     plan = plan_from_env()
     try:
