@@ -58,3 +58,24 @@ async def test_random_kills_leave_one_identity_per_device(
     print(summary)
     assert not problems, summary
     assert len(run.kills) == plan.kills
+
+
+async def test_audit_finds_planted_orphans_and_duplicates(
+    cluster: Cluster, fleet: Fleet, operator: OperatorProcess, aws: Any, vault: Vault
+) -> None:
+    # The audit itself must be able to fail: plant what a botched resume would leave behind.
+    run = await crash_loop(cluster, fleet, operator, Plan(devices=2, kills=0, seed=0, rate=50))
+    assert await audit(cluster, aws(), vault, run.names) == []
+    iot = aws()
+    iot.create_thing(thingName=f"{cluster.namespace}_stray")
+    extra = iot.create_keys_and_certificate(setAsActive=True)["certificateId"]
+    iot.create_policy(policyName="stray-policy", policyDocument='{"Version": "2012-10-17", "Statement": []}')
+    vault.root.secrets.kv.v2.create_or_update_secret(
+        path=f"cloud-connector/{cluster.namespace}/stray", secret={"note": "no Device"}, mount_point="secret"
+    )
+    problems = await audit(cluster, iot, vault, run.names)
+    text = "\n".join(problems)
+    assert f"orphan thing {cluster.namespace}_stray" in text
+    assert f"orphan certificate {extra}" in text
+    assert "orphan policy stray-policy" in text
+    assert "Vault records ['stray']" in text
