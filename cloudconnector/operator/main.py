@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import sys
 from typing import Any
 
@@ -92,6 +93,9 @@ def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
         settings.peering.name = config.peering
         settings.peering.mandatory = True
         settings.peering.clusterwide = not config.namespaces
+        # kopf pauses a replica only for a peer of *higher* priority; equal priorities would let
+        # both replicas work at once. A random one per process makes exactly one of them active.
+        settings.peering.priority = 1 + secrets.randbelow(2**31 - 1)
 
 
 def main(argv: list[str] | None = None) -> int:
