@@ -152,6 +152,34 @@ def serve_proxy(workdir: Path, port: int, http_port: int) -> None:
         # longer walks the long-lived session objects on each full collection.
         loop.add_signal_handler(signal.SIGUSR1, gc.freeze)
         loop.add_signal_handler(signal.SIGUSR2, pauses.mark)
+        trace_out = os.environ.get("CC_BENCH_TRACEMALLOC")  # profiling: heap diff, empty -> idle
+        if trace_out:
+            import tracemalloc
+
+            tracemalloc.start(int(os.environ.get("CC_BENCH_TRACEMALLOC_FRAMES", "1")))
+            empty = tracemalloc.take_snapshot()
+
+            def heap_diff() -> None:
+                pauses.mark()
+                gc.collect()
+                diff = tracemalloc.take_snapshot().compare_to(empty, "traceback")
+                top = ("\n".join(d.traceback.format()) + f"\n{d}" for d in diff[:40])
+                Path(trace_out).write_text("\n\n".join(top))
+
+            loop.add_signal_handler(signal.SIGUSR2, heap_diff)
+        profile_out = os.environ.get("CC_BENCH_CPROFILE")  # profiling: where set-up CPU goes
+        if profile_out:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+
+            def dump_profile() -> None:
+                pauses.mark()
+                profiler.disable()
+                profiler.dump_stats(profile_out)
+
+            loop.add_signal_handler(signal.SIGUSR2, dump_profile)
         await proxy.start()
         print("ready", flush=True)
         await stop.wait()
