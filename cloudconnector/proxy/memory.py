@@ -1,0 +1,38 @@
+"""glibc allocator setting for a process holding thousands of idle TLS sessions.
+
+Measured with ``bench/load.py`` (docs/benchmarks.md, "Memory and set-up cost"): under uvloop every
+upstream TLS connection owns a 256 KiB read buffer, of which an idle session touches a page or two.
+glibc serves the first such buffers with ``mmap``, but once one is freed it raises its mmap
+threshold above 256 KiB and serves the rest from the heap, onto pages dirtied by earlier
+connections, which then stay resident. A fixed threshold keeps every buffer page-mapped (only the
+touched pages count) and hands it back to the system when its connection closes. (``malloc_trim``
+after a burst of set-ups was measured as well and gained nothing: the rest is live memory.)
+
+Nothing here changes behaviour; where the C library has no ``mallopt`` (musl) it is a no-op.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from collections.abc import Callable
+
+M_MMAP_THRESHOLD = -3  # the mallopt parameter number in glibc's malloc.h
+MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value, made fixed
+
+
+def _mallopt() -> Callable[[int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return mallopt  # type: ignore[no-any-return]
+
+
+def tune_allocator() -> bool:
+    """Fix glibc's mmap threshold (idempotent); False where that cannot be done."""
+    mallopt = _mallopt()
+    return mallopt is not None and mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
