@@ -50,6 +50,8 @@ def main() -> int:
         "-o",
         f"timeout={int(args.settle + 20 * args.kills + 300)}",
         "tests/hardening/test_crash_consistency.py",
+        "-k",
+        "random_kills",
     ]
     print(f"seed {args.seed}; replay with: python bench/crash.py --seed {args.seed}", flush=True)
     return subprocess.run(command, cwd=ROOT, env=env, check=False).returncode
