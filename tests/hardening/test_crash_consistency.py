@@ -35,7 +35,7 @@ def plan_from_env() -> Plan:
         devices=int(env("CLOUDCONNECTOR_CRASH_DEVICES") or 20),
         kills=int(env("CLOUDCONNECTOR_CRASH_KILLS") or 6),
         seed=seed,
-        rate=float(env("CLOUDCONNECTOR_CRASH_RATE") or 4),
+        rate=float(env("CLOUDCONNECTOR_CRASH_RATE") or 1.5),
         delay=(1.0, 3.0),
         settle_deadline=float(env("CLOUDCONNECTOR_CRASH_SETTLE") or 120),
     )
@@ -58,6 +58,9 @@ async def test_random_kills_leave_one_identity_per_device(
     print(summary)
     assert not problems, summary
     assert len(run.kills) == plan.kills
+    # The rate limit keeps provisioning slower than the kills, so they land mid-way (a slower
+    # machine only makes that more so); otherwise the run would prove nothing.
+    assert sum(1 for k in run.kills if k.mid_provisioning) >= plan.kills // 2, summary
 
 
 async def test_audit_finds_planted_orphans_and_duplicates(
