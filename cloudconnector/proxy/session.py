@@ -238,7 +238,7 @@ async def _upstream_connack(deps: Deps, reader: asyncio.StreamReader, level: int
     return packet
 
 
-@dataclass
+@dataclass(slots=True)
 class Link:
     """Both connections of a relaying session, with the protocol level spoken on each."""
 
@@ -251,25 +251,42 @@ class Link:
 
 
 async def _relay(deps: Deps, transform: SessionTransform, link: Link) -> str:
-    """Pump both ways until one side ends; returns why."""
+    """Pump both ways until one side ends; returns why.
+
+    Device-to-cloud runs in the session's own task and only cloud-to-device in a task of its own:
+    per idle session one task and the ``asyncio.wait`` bookkeeping fewer (measured in
+    docs/benchmarks.md). When the cloud side ends first it cancels the session's task, which
+    tells that cancellation from a revocation or shutdown by the task's cancel count.
+    """
     if transform.packet_relay:
-        ends = (
-            _pump_packets(deps, link, UP, transform.from_device),
-            _pump_packets(deps, link, DOWN, transform.from_cloud),
-        )
+        up = _pump_packets(deps, link, UP, transform.from_device)
+        down = _pump_packets(deps, link, DOWN, transform.from_cloud)
     else:
-        ends = (
-            _pump_raw(deps, link.dev_reader, link.up_writer, UP),
-            _pump_raw(deps, link.up_reader, link.dev_writer, DOWN),
-        )
-    tasks = [asyncio.ensure_future(c) for c in ends]
+        up = _pump_raw(deps, link.dev_reader, link.up_writer, UP)
+        down = _pump_raw(deps, link.up_reader, link.dev_writer, DOWN)
+    session = asyncio.current_task()
+    assert session is not None
+    down_task = asyncio.ensure_future(down)
+    relaying = True
+    stopped_by_down = False
+
+    def down_ended(_: asyncio.Future[str]) -> None:
+        nonlocal stopped_by_down
+        if relaying:  # runs a loop turn after the end: the session may have moved on
+            stopped_by_down = True
+            session.cancel()
+
+    down_task.add_done_callback(down_ended)
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        return await up
+    except asyncio.CancelledError:
+        if stopped_by_down and session.uncancel() == 0:
+            return down_task.result()
+        raise
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    return str(next(iter(done)).result())
+        relaying = False
+        down_task.cancel()
+        await asyncio.gather(down_task, return_exceptions=True)
 
 
 def _ended(direction: str, what: str) -> str:
