@@ -250,6 +250,11 @@ CEL_MIRRORS: Mapping[str, Callable[[Mapping[str, Any]], bool]] = {
 in crds/ has one and that both agree on the examples and counter-examples."""
 
 
+TRANSITION_RULES: frozenset[str] = frozenset({"self == oldSelf"})
+"""CEL rules that compare with the stored object (``oldSelf``): the API server runs them on updates
+only. :func:`validate` sees one object and skips them; :func:`validate_update` enforces them."""
+
+
 def cel_rules(
     schema: Mapping[str, Any], value: Any, path: str
 ) -> Iterator[tuple[str, Mapping[str, Any], Any]]:
@@ -422,6 +427,21 @@ def validate(obj: Mapping[str, Any]) -> list[SchemaError]:
             field = path + rule.get("fieldPath", "") if rule.get("fieldPath") else path
             errors.append(SchemaError(field, rule.get("message") or f"failed rule {rule['rule']}"))
     return sorted(set(errors), key=lambda e: (e.path, e.message))
+
+
+def validate_update(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[SchemaError]:
+    """The transition rules for replacing ``old`` by ``new``: immutable fields that changed."""
+    kind = new.get("kind")
+    if kind not in api.PLURALS or old.get("kind") != kind:
+        return []
+    schemas = _load_crds(crds_dir().resolve())
+    rules = cel_rules(schemas[kind], old, "")
+    before = {path: value for path, rule, value in rules if rule["rule"] in TRANSITION_RULES}
+    errors = []
+    for path, rule, value in cel_rules(schemas[kind], new, ""):
+        if rule["rule"] in TRANSITION_RULES and path in before and before[path] != value:
+            errors.append(SchemaError(path, f"{rule['message']} (was {_show(before[path])})"))
+    return errors
 
 
 def check(obj: Mapping[str, Any]) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cloudconnector import api
+from cloudconnector import api, schema
 from cloudconnector.core.conflicts import Peer, find_clashes
 from cloudconnector.core.device import DeviceReconciler, has_identity
 from cloudconnector.core.endpoint import READY as ENDPOINT_READY
@@ -35,7 +35,7 @@ from cloudconnector.errors import (
 from cloudconnector.keystore.base import KeyWriter
 from cloudconnector.model import Device, Endpoint, ObjectRef, parse_device, parse_endpoint, parse_group
 from cloudconnector.routes import Route, build_route
-from cloudconnector.standalone.manifests import ManifestError, Snapshot, load_dir, manifest_files
+from cloudconnector.standalone.manifests import Manifest, ManifestError, Snapshot, load_dir, manifest_files
 from cloudconnector.standalone.store import StateStore, StoredObject
 
 logger = logging.getLogger(__name__)
@@ -133,6 +133,17 @@ class Runner:
             raise PermanentError(f"{self.directory} is not a directory", reason="NoManifests")
         return load_dir(self.directory)
 
+    def _immutable_changes(self, manifest: Manifest) -> ManifestError | None:
+        kind, namespace, name = manifest.key
+        stored = self.store.get(kind, ObjectRef(namespace, name))
+        if stored is None:
+            return None
+        errors = schema.validate_update(stored.body, manifest.body)
+        if not errors:
+            return None
+        fields = "; ".join(str(e) for e in errors)
+        return ManifestError(manifest.source, f"{kind} {namespace}/{name}: {fields}")
+
     async def reconcile(self, snap: Snapshot | None = None) -> PassResult:
         """Apply the directory once: store what it says, reconcile everything, finalize removals."""
         snap = snap if snap is not None else self.read()
@@ -142,6 +153,11 @@ class Runner:
         self.secrets.update(snap.secrets)
         wanted = {m.key for m in snap.manifests}
         for manifest in snap.manifests:
+            if refused := self._immutable_changes(manifest):
+                # As the API server would: the stored object stays as it was.
+                result.errors.append(refused)
+                logger.error("%s", refused)
+                continue
             self.store.apply(manifest.kind, manifest.body, manifest.source)
 
         def removed(obj: StoredObject) -> bool:

@@ -140,3 +140,19 @@ async def test_watch_applies_edits(site: Site, instance: Standalone) -> None:
     finally:
         watcher.cancel()
     assert len(site.things()) == 2
+
+
+async def test_moving_an_endpoint_to_another_region_is_refused(site: Site, instance: Standalone) -> None:
+    # The identities live in eu-west-1: editing the region in place would strand them there.
+    site.standard(1)
+    await instance.runner.run_until_settled(limit=60)
+    secret, endpoint = site.endpoint()
+    endpoint["spec"]["aws"]["region"] = "us-east-1"
+    site.write("endpoint.yaml", [secret, endpoint, site.group("meters")])
+    result = await instance.runner.run_until_settled(limit=60)
+    messages = [str(e) for e in result.errors]
+    refused = [m for m in messages if m.startswith("endpoint.yaml:") and "spec.aws.region" in m]
+    assert refused and "immutable" in refused[0]
+    stored = instance.store.get("Endpoint", ObjectRef(site.namespace, "aws"))
+    assert stored is not None and stored.body["spec"]["aws"]["region"] == "eu-west-1"
+    assert ready(instance) == ["meter-0000"] and len(site.things()) == 1
