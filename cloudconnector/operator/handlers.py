@@ -292,7 +292,9 @@ async def group_changed(
         raise kopf.PermanentError(str(e)) from e
 
 
-@kopf.timer(*GROUP_KIND, interval=CONFIG.status_interval)
+# Status timers retry a failure (e.g. the API server briefly unreachable) at their own interval,
+# not after kopf's default 60 s backoff, which would leave the counts stale long after recovery.
+@kopf.timer(*GROUP_KIND, interval=CONFIG.status_interval, backoff=CONFIG.status_interval)
 async def group_counts(
     namespace: str,
     name: str,
@@ -365,7 +367,12 @@ async def endpoint_changed(
     await _check_endpoint(namespace, name, memo, groups_idx, devices_by_group)
 
 
-@kopf.timer(*ENDPOINT_KIND, interval=CONFIG.endpoint_recheck, initial_delay=CONFIG.endpoint_recheck)
+@kopf.timer(
+    *ENDPOINT_KIND,
+    interval=CONFIG.endpoint_recheck,
+    initial_delay=CONFIG.endpoint_recheck,
+    backoff=CONFIG.endpoint_recheck,
+)
 async def endpoint_recheck(
     namespace: str,
     name: str,
@@ -379,7 +386,7 @@ async def endpoint_recheck(
         await _check_endpoint(namespace, name, memo, groups_idx, devices_by_group)
 
 
-@kopf.timer(*ENDPOINT_KIND, interval=CONFIG.status_interval)
+@kopf.timer(*ENDPOINT_KIND, interval=CONFIG.status_interval, backoff=CONFIG.status_interval)
 async def endpoint_usage(
     namespace: str,
     name: str,
