@@ -33,6 +33,7 @@ from tests.hardening.crashloop import audit
 from tests.operator.conftest import (  # noqa: F401  (fixtures reused)
     DEVICES,
     ENDPOINTS,
+    GROUPS,
     Cluster,
     Fleet,
     OperatorProcess,
@@ -281,6 +282,16 @@ async def test_kubernetes_api_outage_loses_no_work(
                 await cluster.wait_phase(DEVICES, name, "Ready")
             assert op.proc is not None and op.proc.poll() is None
             assert await audit(cluster, aws(), vault, before + during) == []
+            # The Group's counts catch up too, within a few of its 1 s status intervals: a status
+            # timer that failed during the outage must not sit out kopf's default 60 s backoff.
+            counts: dict[str, Any] = {}
+            for _ in range(100):  # 20 s at most
+                group = (await cluster.get(GROUPS, "g")) or {}
+                counts = {k: (group.get("status") or {}).get(k) for k in ("total", "provisioned", "failed")}
+                if counts == {"total": 5, "provisioned": 5, "failed": 0}:
+                    break
+                await asyncio.sleep(0.2)
+            assert counts == {"total": 5, "provisioned": 5, "failed": 0}, counts
         finally:
             op.stop()
             await api.cut()
