@@ -371,7 +371,7 @@ async def endpoint_changed(
     *ENDPOINT_KIND,
     interval=CONFIG.endpoint_recheck,
     initial_delay=CONFIG.endpoint_recheck,
-    backoff=CONFIG.endpoint_recheck,
+    backoff=CONFIG.status_interval,  # the recheck interval (300 s) would be longer than kopf's own
 )
 async def endpoint_recheck(
     namespace: str,
