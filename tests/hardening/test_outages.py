@@ -48,7 +48,7 @@ from tests.operator.conftest import (  # noqa: F401  (fixtures reused)
 )
 from tests.proxy.conftest import Client, Pki, World, proxy_config, raw_connect, recv_all, start_broker, token
 from tests.support.faults import SERVICE_UNAVAILABLE, FaultProxy
-from tests.support.procs import Bao, Moto
+from tests.support.procs import Bao, Moto, free_port
 
 # MQTT 3.1.1 CONNACK "server unavailable": the device should retry later; its identity is fine.
 SERVER_UNAVAILABLE = b"\x20\x02\x00\x03"
@@ -156,7 +156,43 @@ def ready_condition(obj: dict[str, Any] | None) -> dict[str, Any] | None:
 DEVICES_KEY = f"{DEVICES.group}/{DEVICES.version}/{DEVICES.plural}"
 
 
-async def test_cloud_api_outage_shows_and_every_device_becomes_ready(
+async def cloud_outage(cluster: Cluster, fleet: Fleet, url: str, reason: str, detail: str) -> list[str]:
+    """Devices created while the cloud API at ``url`` is down: the Endpoint must name the outage
+    (``reason``, ``detail`` in its message) and every Device wait as Pending, never Failed."""
+    await fleet.endpoint("aws", endpoint_url=url)
+    await fleet.group("g", "aws")
+    names = [f"o{i}" for i in range(4)]
+    for name in names:
+        await fleet.device(name, "g")
+    # The Endpoint names the outage once the operator's own retries run out (a few seconds)...
+    endpoint = await cluster.wait_for(
+        ENDPOINTS,
+        "aws",
+        lambda o: (ready_condition(o) or {}).get("status") == "False",
+        "the outage shown on the Endpoint",
+    )
+    cond = ready_condition(endpoint) or {}
+    assert (endpoint or {})["status"]["phase"] == "Error"
+    assert cond["reason"] == reason and detail in cond["message"], cond
+    # ...and every Device says it waits for that Endpoint: nothing to fix on the Device.
+    for name in names:
+        device = await cluster.get(DEVICES, name)
+        dcond = ready_condition(device) or {}
+        assert (device or {})["status"]["phase"] == "Pending"
+        assert dcond["status"] == "False" and dcond["reason"] == "EndpointNotReady"
+    return names
+
+
+async def recovered(cluster: Cluster, aws: Any, vault: Vault, names: list[str]) -> None:
+    for name in names:
+        await cluster.wait_phase(DEVICES, name, "Ready")
+    for name in names:  # the outage never made a Device Failed
+        history = cluster.kmock.objects[DEVICES_KEY, cluster.namespace, name].history
+        assert "Failed" not in {((v or {}).get("status") or {}).get("phase") for v in history}
+    assert await audit(cluster, aws(), vault, names) == []  # and retries left no duplicate
+
+
+async def test_cloud_api_answering_503_shows_and_every_device_becomes_ready(
     cluster: Cluster,
     fleet: Fleet,
     operator: OperatorProcess,
@@ -166,37 +202,28 @@ async def test_cloud_api_outage_shows_and_every_device_becomes_ready(
 ) -> None:
     async with FaultProxy(moto_server.url) as cloud:
         cloud.arm(SERVICE_UNAVAILABLE, first=10**9)  # every AWS call answers 503
-        await fleet.endpoint("aws", endpoint_url=cloud.url)
-        await fleet.group("g", "aws")
-        names = [f"o{i}" for i in range(4)]
-        for name in names:
-            await fleet.device(name, "g")
-        # The Endpoint names the outage once the operator's own retries run out (a few seconds)...
-        endpoint = await cluster.wait_for(
-            ENDPOINTS,
-            "aws",
-            lambda o: (ready_condition(o) or {}).get("status") == "False",
-            "the outage shown on the Endpoint",
-        )
-        cond = ready_condition(endpoint) or {}
-        assert (endpoint or {})["status"]["phase"] == "Error"
-        assert cond["reason"] == "Unavailable", cond
-        assert "ServiceUnavailableException" in cond["message"], cond
-        # ...and every Device says it waits for that Endpoint: not Failed, nothing to fix on it.
-        for name in names:
-            device = await cluster.get(DEVICES, name)
-            dcond = ready_condition(device) or {}
-            assert (device or {})["status"]["phase"] == "Pending"
-            assert dcond["status"] == "False" and dcond["reason"] == "EndpointNotReady"
+        names = await cloud_outage(cluster, fleet, cloud.url, "Unavailable", "ServiceUnavailableException")
         assert cloud.faulted > 0
-
         cloud.disarm()
-        for name in names:
-            await cluster.wait_phase(DEVICES, name, "Ready")
-    for name in names:  # the outage never made a Device Failed
-        history = cluster.kmock.objects[DEVICES_KEY, cluster.namespace, name].history
-        assert "Failed" not in {((v or {}).get("status") or {}).get("phase") for v in history}
-    assert await audit(cluster, aws(), vault, names) == []
+        await recovered(cluster, aws, vault, names)
+
+
+async def test_cloud_api_refusing_connections_shows_and_every_device_becomes_ready(
+    cluster: Cluster,
+    fleet: Fleet,
+    operator: OperatorProcess,
+    aws: Any,
+    vault: Vault,
+    moto_server: Moto,
+) -> None:
+    cloud = Cuttable(int(moto_server.url.rsplit(":", 1)[1]))
+    cloud.port = free_port()  # nothing listens there yet: connection refused
+    names = await cloud_outage(cluster, fleet, cloud.url, "Unreachable", "did not complete")
+    await cloud.start()  # the API comes back at the same address
+    try:
+        await recovered(cluster, aws, vault, names)
+    finally:
+        await cloud.cut()
 
 
 # --------------------------------------------------------------------------------- Kubernetes API
