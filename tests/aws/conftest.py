@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import boto3
-import hvac
 import pytest
 from botocore.config import Config
 
@@ -18,10 +17,11 @@ from cloudconnector.clouds.aws_api import RetryPolicy
 from cloudconnector.clouds.base import Progress
 from cloudconnector.keystore.vault import VaultKeyStore
 from cloudconnector.keystore.vault_config import VaultConfig
-from cloudconnector.keystore.vault_setup import OPERATOR_POLICY, PROXY_POLICY, bootstrap
+from cloudconnector.keystore.vault_setup import OPERATOR_POLICY, PROXY_POLICY
 from cloudconnector.model import Device, Endpoint, parse_device, parse_endpoint
 from cloudconnector.ratelimit import RateLimiter
 from tests.support.procs import Bao, Moto
+from tests.support.vault import bootstrapped, mint_token
 
 REGION = "eu-west-1"
 FAST_RETRY = RetryPolicy(attempts=10, base=0.01, cap=0.1, give_up_delay=1.0)
@@ -127,14 +127,8 @@ class VaultRoles:
 
 @pytest.fixture(scope="session")
 def vault_roles(bao: Bao) -> VaultRoles:
-    root = hvac.Client(url=bao.url, token=bao.token)
-    bootstrap(root)
-
-    def token(policy: str) -> str:
-        made = root.auth.token.create(policies=[policy], no_default_policy=True, ttl="1h")
-        return str(made["auth"]["client_token"])
-
-    return VaultRoles(bao.url, token(OPERATOR_POLICY), token(PROXY_POLICY))
+    root = bootstrapped(bao)
+    return VaultRoles(bao.url, mint_token(root, OPERATOR_POLICY), mint_token(root, PROXY_POLICY))
 
 
 @pytest.fixture

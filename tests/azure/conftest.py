@@ -6,16 +6,16 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import hvac
 import pytest
 
 from cloudconnector.keystore.vault import VaultKeyStore
 from cloudconnector.keystore.vault_config import VaultConfig
-from cloudconnector.keystore.vault_setup import OPERATOR_POLICY, PROXY_POLICY, bootstrap
+from cloudconnector.keystore.vault_setup import OPERATOR_POLICY, PROXY_POLICY
 from cloudconnector.model import Endpoint, parse_device, parse_endpoint
 from tests.azure.hub_double import HubDouble
 from tests.support.pki import CA
 from tests.support.procs import Bao
+from tests.support.vault import bootstrapped, mint_token
 
 HUB_HOST = "test-hub.azure-devices.net"
 
@@ -32,16 +32,10 @@ async def hub(azure_ca: CA) -> AsyncIterator[HubDouble]:
         yield double
 
 
-def _token(root: hvac.Client, policy: str) -> str:
-    created = root.auth.token.create(policies=[policy], no_default_policy=True, ttl="1h")
-    return str(created["auth"]["client_token"])
-
-
 @pytest.fixture(scope="session")
 def vault_tokens(bao: Bao) -> tuple[str, str, str]:
-    root = hvac.Client(url=bao.url, token=bao.token)
-    bootstrap(root)
-    return bao.url, _token(root, OPERATOR_POLICY), _token(root, PROXY_POLICY)
+    root = bootstrapped(bao)
+    return bao.url, mint_token(root, OPERATOR_POLICY), mint_token(root, PROXY_POLICY)
 
 
 @pytest.fixture

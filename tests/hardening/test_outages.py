@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import hvac
 
 from cloudconnector.keystore.vault import VaultKeyStore
 from cloudconnector.keystore.vault_config import VaultConfig
-from cloudconnector.keystore.vault_setup import OPERATOR_POLICY, PROXY_POLICY, bootstrap
+from cloudconnector.keystore.vault_setup import OPERATOR_POLICY, PROXY_POLICY
 from cloudconnector.mqtt import codec
 from cloudconnector.mqtt.packets import Connect
 from cloudconnector.proxy.health import make_app, start_http
@@ -49,6 +48,7 @@ from tests.operator.conftest import (  # noqa: F401  (fixtures reused)
 from tests.proxy.conftest import Client, Pki, World, proxy_config, raw_connect, recv_all, start_broker, token
 from tests.support.faults import SERVICE_UNAVAILABLE, FaultProxy
 from tests.support.procs import Bao, Moto, free_port
+from tests.support.vault import bootstrapped
 
 # MQTT 3.1.1 CONNACK "server unavailable": the device should retry later; its identity is fine.
 SERVER_UNAVAILABLE = b"\x20\x02\x00\x03"
@@ -97,8 +97,7 @@ async def connect(dev: Client, port: int) -> int:
 async def test_vault_outage_refuses_new_devices_as_unavailable_then_heals(
     pki: Pki, broker: Any, spare_bao: Bao, clients: list[Client]
 ) -> None:
-    root = hvac.Client(url=spare_bao.url, token=spare_bao.token)
-    bootstrap(root)
+    root = bootstrapped(spare_bao)
     writer = VaultKeyStore(VaultConfig(address=spare_bao.url, token=token(root, OPERATOR_POLICY)))
     reader = VaultKeyStore(VaultConfig(address=spare_bao.url, token=token(root, PROXY_POLICY), timeout=1.0))
     world = World(pki, broker.port)

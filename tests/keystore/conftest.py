@@ -19,10 +19,12 @@ from cloudconnector.clouds.certs import self_signed
 from cloudconnector.keystore.base import KeyMaterial
 from cloudconnector.keystore.vault import VaultKeyStore
 from cloudconnector.keystore.vault_config import VaultConfig
-from cloudconnector.keystore.vault_setup import OPERATOR_POLICY, PROXY_POLICY, bootstrap
+from cloudconnector.keystore.vault_setup import OPERATOR_POLICY, PROXY_POLICY
 from cloudconnector.model import ObjectRef
 from tests.support.pki import CA
 from tests.support.procs import Bao, free_port, port_open, run_bao, stop, wait_for
+from tests.support.vault import bootstrapped
+from tests.support.vault import mint_token as make_token
 
 
 @dataclass
@@ -33,15 +35,9 @@ class Roles:
     proxy_token: str
 
 
-def make_token(root: hvac.Client, policy: str, ttl: str = "1h") -> str:
-    created = root.auth.token.create(policies=[policy], no_default_policy=True, ttl=ttl)
-    return str(created["auth"]["client_token"])
-
-
 @pytest.fixture(scope="session")
 def roles(bao: Bao) -> Roles:
-    root = hvac.Client(url=bao.url, token=bao.token)
-    bootstrap(root)
+    root = bootstrapped(bao)
     return Roles(bao.url, root, make_token(root, OPERATOR_POLICY), make_token(root, PROXY_POLICY))
 
 

@@ -28,10 +28,11 @@ import pytest
 from botocore.config import Config
 
 from cloudconnector import api
-from cloudconnector.keystore.vault_setup import OPERATOR_POLICY, PROXY_POLICY, bootstrap
+from cloudconnector.keystore.vault_setup import OPERATOR_POLICY, PROXY_POLICY
 from cloudconnector.kube import SECRETS, KubeClient, KubeConfig, Resource
 from tests.operator.apiserver import ApiServer, register_crds
 from tests.support.procs import Bao, Moto, run_bao
+from tests.support.vault import bootstrapped, mint_token
 
 ROOT = Path(__file__).resolve().parents[2]
 ENDPOINTS = Resource(api.GROUP, api.VERSION, api.ENDPOINTS)
@@ -169,14 +170,8 @@ class Vault:
 
 @pytest.fixture(scope="session")
 def vault(bao: Bao) -> Vault:
-    root = hvac.Client(url=bao.url, token=bao.token)
-    bootstrap(root)
-
-    def token(policy: str) -> str:
-        made = root.auth.token.create(policies=[policy], no_default_policy=True, ttl="2h")
-        return str(made["auth"]["client_token"])
-
-    return Vault(bao.url, root, token(OPERATOR_POLICY), token(PROXY_POLICY))
+    root = bootstrapped(bao)
+    return Vault(bao.url, root, mint_token(root, OPERATOR_POLICY, "2h"), mint_token(root, PROXY_POLICY, "2h"))
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import hvac
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -27,7 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from cloudconnector.keystore.base import KeyMaterial
 from cloudconnector.keystore.vault import VaultKeyStore
 from cloudconnector.keystore.vault_config import VaultConfig
-from cloudconnector.keystore.vault_setup import OPERATOR_POLICY, PROXY_POLICY, bootstrap
+from cloudconnector.keystore.vault_setup import OPERATOR_POLICY, PROXY_POLICY
 from cloudconnector.model import EndpointType, ObjectRef
 from cloudconnector.proxy.config import ProxyConfig
 from cloudconnector.proxy.directory import StaticDirectory
@@ -35,6 +34,8 @@ from cloudconnector.proxy.server import Proxy
 from cloudconnector.routes import Route
 from tests.support.pki import CA, Issued
 from tests.support.procs import Bao, Mosquitto, free_port, run_mosquitto
+from tests.support.vault import bootstrapped
+from tests.support.vault import mint_token as token
 
 ADMIN = "admin"
 
@@ -223,16 +224,9 @@ def proxy(pki: Pki, world: World) -> Iterator[ProxyThread]:
         pt.close()
 
 
-def token(root: hvac.Client, policy: str) -> str:
-    return str(
-        root.auth.token.create(policies=[policy], no_default_policy=True, ttl="1h")["auth"]["client_token"]
-    )
-
-
 @pytest.fixture
 def stores(bao: Bao) -> Iterator[tuple[VaultKeyStore, VaultKeyStore]]:
-    root = hvac.Client(url=bao.url, token=bao.token)
-    bootstrap(root)
+    root = bootstrapped(bao)
     writer = VaultKeyStore(VaultConfig(address=bao.url, token=token(root, OPERATOR_POLICY)))
     reader = VaultKeyStore(VaultConfig(address=bao.url, token=token(root, PROXY_POLICY)))
     yield writer, reader
