@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 from cloudconnector.demo.devices import connect_packet, read_packet
 from cloudconnector.keystore.base import KeyMaterial
-from cloudconnector.proxy.credentials import upstream_context
+from cloudconnector.proxy.upstream_tls import ContextCache, device_connection, open_tls
 from cloudconnector.routes import Route
 
 SAMPLE = 5
@@ -23,12 +23,10 @@ SAMPLE = 5
 
 async def _accepted(route: Route, material: KeyMaterial, port: int) -> bool:
     """Whether the broker answers CONNACK 0 on ``port`` to ``route``'s device credentials."""
-    context = upstream_context(route, material, None)
+    connection = device_connection(ContextCache(None), route, material)
     try:
         async with asyncio.timeout(10):
-            reader, writer = await asyncio.open_connection(
-                route.host, port, ssl=context, server_hostname=route.host
-            )
+            reader, writer = await open_tls(route.host, port, connection)
             try:
                 writer.write(connect_packet(route.client_id))
                 kind, body = await read_packet(reader)

@@ -25,6 +25,7 @@ from cloudconnector.proxy.memory import tune_allocator
 from cloudconnector.proxy.metrics import Metrics
 from cloudconnector.proxy.proxyproto import ProxyHeaderError, read_proxy_header
 from cloudconnector.proxy.session import Deps, serve
+from cloudconnector.proxy.upstream_tls import ContextCache
 from cloudconnector.routes import Directory, Route
 
 log = logging.getLogger("cloudconnector.proxy")
@@ -46,7 +47,8 @@ class Proxy:
         self.config = config
         self.directory = directory
         self.metrics = metrics or Metrics()
-        self.deps = Deps(config, directory, keys, self.metrics, self._track)
+        contexts = ContextCache(config.default_ca_file)
+        self.deps = Deps(config, directory, keys, self.metrics, self._track, contexts)
         self.ports: dict[str, int] = {}  # "mqtt"/"tls" -> bound port (useful with port 0)
         self.accepting = False
         self._sockets: list[socket.socket] = []

@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from OpenSSL import SSL
+
 from cloudconnector.errors import short
 from cloudconnector.keystore.base import KeyReader
 from cloudconnector.mqtt.codec import (
@@ -40,9 +42,10 @@ from cloudconnector.mqtt.packets import (
     refusal,
 )
 from cloudconnector.proxy.config import ProxyConfig
-from cloudconnector.proxy.credentials import CredentialsUnusable, upstream_context
+from cloudconnector.proxy.credentials import CredentialsUnusable
 from cloudconnector.proxy.metrics import DOWN, UP, Metrics
 from cloudconnector.proxy.transform import Relay, SessionTransform, TransformError, transform_for
+from cloudconnector.proxy.upstream_tls import ContextCache, device_connection, open_tls
 from cloudconnector.routes import Directory, Route
 
 log = logging.getLogger("cloudconnector.proxy")
@@ -70,6 +73,7 @@ class Deps:
     keys: KeyReader
     metrics: Metrics
     track: Callable[[Route], contextlib.AbstractContextManager[None]]
+    contexts: ContextCache
 
 
 async def close_writer(writer: asyncio.StreamWriter, grace: float = 2.0) -> None:
@@ -199,23 +203,21 @@ async def _open_upstream(
         first = transform.connect(connect, material)
         if isinstance(first, Connack):
             raise SessionEnd("refused_by_transform", "the endpoint cannot serve this CONNECT", first)
-        ctx = upstream_context(route, material, cfg.default_ca_file)
+        conn = device_connection(deps.contexts, route, material)
     except CredentialsUnusable as e:
         raise SessionEnd("bad_credentials", str(e), unavailable) from None
-    except (ssl.SSLError, ValueError, OSError) as e:  # the endpoint's CA bundle cannot be loaded
+    except (SSL.Error, ValueError, OSError) as e:  # the endpoint's CA bundle or name cannot be used
         raise SessionEnd("bad_endpoint_ca", f"endpoint trust: {short(e, 200)}", unavailable) from None
     finally:
-        del material  # the key now lives only inside the context, which the connection holds
+        del material  # the key now lives only inside the connection object
     started = time.perf_counter()
     try:
-        up_reader, up_writer = await asyncio.wait_for(
-            asyncio.open_connection(route.host, route.port, ssl=ctx, server_hostname=route.host),
-            cfg.upstream_timeout,
-        )
-    except (OSError, ssl.SSLError, TimeoutError) as e:
+        opening = open_tls(route.host, route.port, conn)
+        up_reader, up_writer = await asyncio.wait_for(opening, cfg.upstream_timeout)
+    except (OSError, TimeoutError) as e:
         raise SessionEnd("upstream_unavailable", f"upstream: {short(e, 200)}", unavailable) from None
     finally:
-        del ctx
+        del conn
     metrics.handshake.observe(time.perf_counter() - started)
     up_level = first.protocol_level
     up_writer.write(encode(first, up_level))
