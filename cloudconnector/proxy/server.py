@@ -21,7 +21,7 @@ from cloudconnector.model import ObjectRef
 from cloudconnector.proxy.config import ProxyConfig
 from cloudconnector.proxy.credentials import file_stamp, server_context
 from cloudconnector.proxy.directory import Revocations, normalize_ip
-from cloudconnector.proxy.memory import tune_allocator
+from cloudconnector.proxy.memory import settle_startup_objects, tune_allocator
 from cloudconnector.proxy.metrics import Metrics
 from cloudconnector.proxy.proxyproto import ProxyHeaderError, read_proxy_header
 from cloudconnector.proxy.session import Deps, serve
@@ -65,6 +65,7 @@ class Proxy:
     async def start(self) -> None:
         cfg = self.config
         tune_allocator()  # idle TLS sessions' read buffers stay mostly unresident (memory.py)
+        settle_startup_objects()
         if cfg.tls_port is not None:
             assert cfg.tls_cert_file and cfg.tls_key_file
             self._tls = server_context(cfg.tls_cert_file, cfg.tls_key_file)

@@ -22,7 +22,6 @@ from OpenSSL import SSL
 from cloudconnector.errors import short
 from cloudconnector.keystore.base import KeyReader
 from cloudconnector.mqtt.codec import (
-    FrameScanner,
     MalformedPacket,
     UnsupportedVersion,
     decode,
@@ -44,14 +43,12 @@ from cloudconnector.mqtt.packets import (
 from cloudconnector.proxy.config import ProxyConfig
 from cloudconnector.proxy.credentials import CredentialsUnusable
 from cloudconnector.proxy.metrics import DOWN, UP, Metrics
+from cloudconnector.proxy.pipe import relay_bytes
 from cloudconnector.proxy.transform import Relay, SessionTransform, TransformError, transform_for
 from cloudconnector.proxy.upstream_tls import ContextCache, device_connection, open_tls
 from cloudconnector.routes import Directory, Route
 
 log = logging.getLogger("cloudconnector.proxy")
-
-CHUNK = 64 * 1024
-WRITE_HIGH_WATER = 64 * 1024  # asyncio's own default high-water mark
 
 
 class SessionEnd(Exception):
@@ -166,7 +163,8 @@ async def serve(
 async def _read_connect(deps: Deps, reader: asyncio.StreamReader) -> Connect:
     cfg = deps.config
     try:
-        header, body = await asyncio.wait_for(read_packet(reader, cfg.max_packet_size), cfg.connect_timeout)
+        async with asyncio.timeout(cfg.connect_timeout):  # unlike wait_for, no task per call
+            header, body = await read_packet(reader, cfg.max_packet_size)
     except TimeoutError:
         raise SessionEnd("timeout", "no CONNECT in time") from None
     except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
@@ -212,8 +210,8 @@ async def _open_upstream(
         del material  # the key now lives only inside the connection object
     started = time.perf_counter()
     try:
-        opening = open_tls(route.host, route.port, conn)
-        up_reader, up_writer = await asyncio.wait_for(opening, cfg.upstream_timeout)
+        async with asyncio.timeout(cfg.upstream_timeout):
+            up_reader, up_writer = await open_tls(route.host, route.port, conn)
     except (OSError, TimeoutError) as e:
         raise SessionEnd("upstream_unavailable", f"upstream: {short(e, 200)}", unavailable) from None
     finally:
@@ -228,7 +226,8 @@ async def _open_upstream(
 async def _upstream_connack(deps: Deps, reader: asyncio.StreamReader, level: int) -> Connack:
     cfg = deps.config
     try:
-        header, body = await asyncio.wait_for(read_packet(reader, cfg.max_packet_size), cfg.upstream_timeout)
+        async with asyncio.timeout(cfg.upstream_timeout):
+            header, body = await read_packet(reader, cfg.max_packet_size)
         packet = decode(header, body, level)
     except (TimeoutError, asyncio.IncompleteReadError, OSError, ssl.SSLError, MalformedPacket) as e:
         reason = f"upstream gave no CONNACK: {short(e, 200) or type(e).__name__}"
@@ -253,19 +252,18 @@ class Link:
 
 
 async def _relay(deps: Deps, transform: SessionTransform, link: Link) -> str:
-    """Pump both ways until one side ends; returns why.
+    """Relay both ways until one side ends; returns why.
 
-    Device-to-cloud runs in the session's own task and only cloud-to-device in a task of its own:
-    per idle session one task and the ``asyncio.wait`` bookkeeping fewer (measured in
-    docs/benchmarks.md). When the cloud side ends first it cancels the session's task, which
-    tells that cancellation from a revocation or shutdown by the task's cancel count.
+    Bytes pass through ``pipe.relay_bytes`` (protocols only). Rewritten packets (Azure) are pumped
+    by coroutines: device-to-cloud in the session's own task, cloud-to-device in a task of its own.
+    When the cloud side ends first it cancels the session's task, which tells that cancellation
+    from a revocation or shutdown by the task's cancel count.
     """
-    if transform.packet_relay:
-        up = _pump_packets(deps, link, UP, transform.from_device)
-        down = _pump_packets(deps, link, DOWN, transform.from_cloud)
-    else:
-        up = _pump_raw(deps, link.dev_reader, link.up_writer, UP)
-        down = _pump_raw(deps, link.up_reader, link.dev_writer, DOWN)
+    if not transform.packet_relay:
+        device, cloud = (link.dev_reader, link.dev_writer), (link.up_reader, link.up_writer)
+        return await relay_bytes(deps.metrics, deps.config.max_packet_size, device, cloud)
+    up = _pump_packets(deps, link, UP, transform.from_device)
+    down = _pump_packets(deps, link, DOWN, transform.from_cloud)
     session = asyncio.current_task()
     assert session is not None
     down_task = asyncio.ensure_future(down)
@@ -293,39 +291,6 @@ async def _relay(deps: Deps, transform: SessionTransform, link: Link) -> str:
 
 def _ended(direction: str, what: str) -> str:
     return f"{'device' if direction == UP else 'cloud'} {what}"
-
-
-async def _pump_raw(deps: Deps, src: asyncio.StreamReader, dst: asyncio.StreamWriter, direction: str) -> str:
-    scanner = FrameScanner(deps.config.max_packet_size)
-    count_bytes = deps.metrics.bytes.labels(direction)
-    count_msgs = deps.metrics.messages.labels(direction)
-    transport = dst.transport
-    # Counters are flushed at most once a second: a locked increment per chunk is measurable
-    # at full rate, and a second of lag does not matter to a scrape.
-    pending_bytes = pending_msgs = 0
-    flush_at = time.monotonic() + 1.0
-    try:
-        while True:
-            data = await src.read(CHUNK)
-            if not data:
-                return _ended(direction, "closed")
-            pending_msgs += scanner.feed(data)
-            pending_bytes += len(data)
-            dst.write(data)
-            if transport.get_write_buffer_size() > WRITE_HIGH_WATER:
-                await dst.drain()  # the other side reads slower: stop reading this one
-            if time.monotonic() >= flush_at:
-                count_bytes.inc(pending_bytes)
-                count_msgs.inc(pending_msgs)
-                pending_bytes = pending_msgs = 0
-                flush_at = time.monotonic() + 1.0
-    except MalformedPacket as e:
-        return _ended(direction, f"sent a bad packet: {e}")
-    except (OSError, ssl.SSLError) as e:
-        return _ended(direction, f"connection failed: {short(e, 120)}")
-    finally:
-        count_bytes.inc(pending_bytes)
-        count_msgs.inc(pending_msgs)
 
 
 async def _pump_packets(deps: Deps, link: Link, direction: str, handle: Callable[[Packet], Relay]) -> str:

@@ -1,0 +1,130 @@
+"""The byte relay after CONNACK, as two protocols wired transport to transport.
+
+Where the endpoint needs no rewriting (AWS, a plain MQTT broker), each chunk goes from one side's
+``data_received`` straight into the other side's ``write``: no task, coroutine or future per
+session or per chunk. A coroutine pump costs about 70 tracked objects per idle session and a
+future per read; with thousands of sessions that is memory, and full garbage collections long
+enough to show in the latency tail (docs/benchmarks.md, section 6). Packets are still framed by a
+``FrameScanner`` so a malformed or oversized packet ends the session, and counted for metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from cloudconnector.errors import short
+from cloudconnector.mqtt.codec import FrameScanner, MalformedPacket
+from cloudconnector.proxy.metrics import DOWN, UP, Metrics
+
+WRITE_HIGH_WATER = 64 * 1024  # asyncio's own default high-water mark
+FLUSH_EVERY = 1.0  # seconds between counter updates: a locked increment per chunk is measurable
+
+
+def _ended(direction: str, what: str) -> str:
+    return f"{'device' if direction == UP else 'cloud'} {what}"
+
+
+class Pipe(asyncio.Protocol):
+    """Reads one transport (``src``, whose protocol it becomes) and writes the other (``dst``)."""
+
+    __slots__ = (
+        "_bytes", "_count_bytes", "_count_msgs", "_direction", "_flush_at", "_msgs", "_scanner",
+        "dst", "ended", "origin", "src",
+    )  # fmt: skip
+
+    def __init__(
+        self, metrics: Metrics, direction: str, max_packet_size: int, origin: asyncio.BaseProtocol
+    ) -> None:
+        self._direction = direction
+        self._scanner = FrameScanner(max_packet_size)
+        self._count_bytes = metrics.bytes.labels(direction)
+        self._count_msgs = metrics.messages.labels(direction)
+        self._bytes = self._msgs = 0
+        self._flush_at = time.monotonic() + FLUSH_EVERY
+        self.origin = origin  # the stream protocol it replaces, told of the close (wait_closed)
+        self.src: Any = None
+        self.dst: Any = None
+        self.ended: asyncio.Future[str] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._msgs += self._scanner.feed(data)
+        except MalformedPacket as e:
+            self._end(f"sent a bad packet: {e}")
+            return
+        self._bytes += len(data)
+        self.dst.write(data)
+        if (now := time.monotonic()) >= self._flush_at:
+            self.flush()
+            self._flush_at = now + FLUSH_EVERY
+
+    def eof_received(self) -> bool:
+        self._end("closed")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end("closed" if exc is None else f"connection failed: {short(exc, 120)}")
+        self.origin.connection_lost(exc)
+
+    # Our transport's send buffer is full: the other pipe writes it, so stop reading *its* source.
+    def pause_writing(self) -> None:
+        self.dst.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.dst.resume_reading()
+
+    def flush(self) -> None:
+        if self._bytes:
+            self._count_bytes.inc(self._bytes)
+            self._count_msgs.inc(self._msgs)
+            self._bytes = self._msgs = 0
+
+    def _end(self, what: str) -> None:
+        if self.ended is not None and not self.ended.done():
+            self.ended.set_result(_ended(self._direction, what))
+
+    def start(self, src: Any, dst: Any, buffered: bytes, at_eof: bool, ended: asyncio.Future[str]) -> None:
+        """Take over ``src`` and first pass on what its stream reader had buffered."""
+        self.src, self.dst, self.ended = src, dst, ended
+        src.set_protocol(self)
+        if buffered:
+            self.data_received(buffered)
+        if at_eof:
+            self._end("closed")
+        if src.get_write_buffer_size() > WRITE_HIGH_WATER:
+            dst.pause_reading()  # the pause the stream protocol was told of, carried over
+        src.resume_reading()  # the stream reader may have paused it while its buffer was full
+
+
+def take_buffered(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
+    """What the stream reader holds but nobody read yet (sent right behind CONNECT), and its EOF."""
+    buffer: bytearray = reader._buffer  # no public way to drain it without awaiting
+    data = bytes(buffer)
+    buffer.clear()
+    return data, reader.at_eof() or reader.exception() is not None
+
+
+async def relay_bytes(
+    metrics: Metrics,
+    max_packet_size: int,
+    device: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    cloud: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+) -> str:
+    """Relay until either side ends; returns why. Cancelling it leaves closing to the caller."""
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Future[str] = loop.create_future()
+    dev_t, up_t = device[1].transport, cloud[1].transport
+    up = Pipe(metrics, UP, max_packet_size, dev_t.get_protocol())
+    down = Pipe(metrics, DOWN, max_packet_size, up_t.get_protocol())
+    try:
+        # Cloud first: the CONNACK is already with the device, and the cloud may have sent more.
+        down_data, down_eof = take_buffered(cloud[0])
+        up_data, up_eof = take_buffered(device[0])
+        down.start(up_t, dev_t, down_data, down_eof, ended)
+        up.start(dev_t, up_t, up_data, up_eof, ended)
+        return await ended
+    finally:
+        up.flush()
+        down.flush()
