@@ -70,6 +70,23 @@ class CA:
     def cert_pem(self) -> str:
         return cert_pem(self.cert)
 
+    def intermediate(self, cn: str) -> CA:
+        """A CA whose certificate this one signs: leaves it issues need the chain sent along."""
+        sub = CA(cn)
+        now = dt.datetime.now(dt.UTC)
+        sub.cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(cn))
+            .issuer_name(self.cert.subject)
+            .public_key(sub.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+        return sub
+
     def issue(
         self,
         cn: str,
