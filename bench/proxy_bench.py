@@ -47,10 +47,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import multiprocessing
 import os
 import pwd
 import shutil
+import signal
 import ssl
 import struct
 import subprocess
@@ -133,6 +135,17 @@ def _proxy_child(devices: list[Device], broker_port: int, ca_pem: str, port: int
     from cloudconnector.proxy.server import Proxy
 
     logging.basicConfig(level=logging.WARNING)
+    if os.environ.get("CC_BENCH_GCLOG"):  # diagnosis: the proxy's collections over 0.5 ms, timed
+        began = [0.0]
+
+        def gc_log(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                began[0] = time.perf_counter()
+            elif (ms := (time.perf_counter() - began[0]) * 1000) > 0.5:
+                gen = info["generation"]
+                print(f"{time.time():.2f} proxy gc gen{gen} {ms:.1f} ms", file=sys.stderr, flush=True)
+
+        gc.callbacks.append(gc_log)
     routes, keys = [], {}
     for i, dev in enumerate(devices):
         ref = ObjectRef("bench", f"dev{i}")
@@ -158,8 +171,19 @@ def _proxy_child(devices: list[Device], broker_port: int, ca_pem: str, port: int
     async def main() -> None:
         proxy = Proxy(cfg, StaticDirectory(routes), MemoryKeys(keys))
         await proxy.start()
+        stopped = asyncio.Event()
+        profile_out = os.environ.get("CC_BENCH_CPROFILE")  # diagnosis: where the proxy's CPU goes
+        if profile_out:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
         ready.send(True)
-        await asyncio.Event().wait()
+        await stopped.wait()
+        if profile_out:
+            profiler.disable()
+            profiler.dump_stats(profile_out)
 
     uvloop.run(main())
 
@@ -325,16 +349,30 @@ def pct(values: list[int], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))] / 1e6
 
 
+async def quiesce(pids: list[int], idle: float = 0.05, limit: float = 20.0) -> float:
+    """Wait until ``pids`` together use under ``idle`` of a core for half a second; returns the wait."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        before = sum(cpu_seconds(p) for p in pids)
+        await asyncio.sleep(0.5)
+        if sum(cpu_seconds(p) for p in pids) - before < idle * 0.5:
+            break
+    return time.monotonic() - start
+
+
 async def paced(
     c: Conn, topic: str, qos: int, stop: float, interval: float, offset: float, sent: list[int]
 ) -> None:
-    await asyncio.sleep(offset)
-    while time.monotonic() < stop:
+    # Each device sends on its own fixed grid (offset + k * interval), not "interval after the last
+    # ack": otherwise devices whose acks came back together stay in step and send in bursts.
+    slot = time.monotonic() + offset
+    while slot < stop:
+        await asyncio.sleep(max(0.0, slot - time.monotonic()))
         c.writer.write(codec.encode(Publish(topic, stamp(), qos, packet_id=c.pid() if qos else None)))
         sent[0] += 1
         if qos:
             await c.acks.get()
-        await asyncio.sleep(interval)
+        slot += interval
 
 
 async def flood(c: Conn, topic: str, qos: int, stop: float, sent: list[int]) -> None:
@@ -402,9 +440,20 @@ async def bench_path(
         res.rows["KiB/idle conn (avg)"] = f"{(end_rss - base_rss) / len(devices):.1f}"
         res.rows["KiB/idle conn (slope)"] = f"{(end_rss - mid_rss) / (len(devices) - half):.1f}"
     things = [d.thing for d in devices]
+    # The generator's own full collections (it holds every device's keys and connections) would
+    # pause its loop and send the paced messages in bursts: a measuring artefact, kept out.
+    gc.collect()
+    gc.freeze()
 
     for qos in (0, 1):
+        # Paced latency is measured on a quiet system: the broker may still be working off the
+        # previous phase (or path) well after its subscriber went quiet.
+        waited = await quiesce([p for p in (args.broker_pid, middle_pid) if p])
+        if os.environ.get("CC_BENCH_GCLOG"):
+            print(f"{time.time():.2f} quiet after {waited:.1f} s", file=sys.stderr, flush=True)
         # Paced: every device one message per interval, spread evenly.
+        if os.environ.get("CC_BENCH_GCLOG"):
+            print(f"{time.time():.2f} paced q{qos} starts", file=sys.stderr, flush=True)
         sink.reset()
         sent = [0]
         stop = time.monotonic() + args.seconds
@@ -420,6 +469,8 @@ async def bench_path(
         res.rows[f"paced q{qos} p99 ms"] = f"{pct(sink.latencies, 0.99):.2f}"
 
         # Maximum rate: every device publishes back to back (QoS 1 with a window of 8).
+        if os.environ.get("CC_BENCH_GCLOG"):
+            print(f"{time.time():.2f} max q{qos} starts", file=sys.stderr, flush=True)
         sink.reset()
         cpu0 = cpu_seconds(middle_pid) if middle_pid else 0.0
         start = time.monotonic()
@@ -481,7 +532,8 @@ async def run_all(args: argparse.Namespace) -> list[Result]:
         devices = make_devices(ca, args.devices, d)
         bport = free_port()
         results = []
-        with run_mosquitto(broker_conf(bport, d), bport, d):
+        with run_mosquitto(broker_conf(bport, d), bport, d) as broker:
+            args.broker_pid = broker.proc.pid
 
             def client_tls(cert: Path, key: Path) -> ssl.SSLContext:
                 return tls_client(ca_file, cert, key)

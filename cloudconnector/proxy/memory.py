@@ -1,7 +1,8 @@
 """glibc allocator setting for a process holding thousands of idle TLS sessions.
 
 Measured with ``bench/load.py`` (docs/benchmarks.md, "Memory and set-up cost"): under uvloop every
-upstream TLS connection owns a 256 KiB read buffer, of which an idle session touches a page or two.
+TLS connection it terminates owns a 256 KiB read buffer, of which an idle session touches a page or
+two. (The cloud side no longer uses it, see ``upstream_tls``; devices on 8883 still do.)
 glibc serves the first such buffers with ``mmap``, but once one is freed it raises its mmap
 threshold above 256 KiB and serves the rest from the heap, onto pages dirtied by earlier
 connections, which then stay resident. A fixed threshold keeps every buffer page-mapped (only the
