@@ -15,6 +15,7 @@ import socket
 import ssl
 import threading
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -262,3 +263,51 @@ def test_unusable_credentials_end_in_server_unavailable(
     text = caplog.text
     assert "device certificate/key rejected" in text
     assert "PRIVATE KEY" not in text and good.private_key_pem.decode().splitlines()[1][:32] not in text
+
+
+class PostQuantumServer:
+    """A TLS 1.3 server on the bundled OpenSSL, which prefers the hybrid X25519MLKEM768 group."""
+
+    def __init__(self, pki: Pki) -> None:
+        from OpenSSL import SSL
+
+        issued = pki.ca.issue("localhost", hosts=("localhost",))
+        self.ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+        self.ctx.use_certificate(issued.cert)
+        self.ctx.use_privatekey(issued.key)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.groups: list[str | None] = []
+        threading.Thread(target=self._serve, args=(SSL,), daemon=True).start()
+
+    def _serve(self, ssl_mod: Any) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                raw, _ = self.sock.accept()
+                with contextlib.suppress(ssl_mod.Error, OSError), raw:
+                    conn = ssl_mod.Connection(self.ctx, raw)
+                    conn.set_accept_state()
+                    conn.do_handshake()
+                    self.groups.append(conn.get_group_name())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_hybrid_post_quantum_key_exchange_where_the_server_has_it(pki: Pki, world: World) -> None:
+    server = PostQuantumServer(pki)
+    try:
+        route = world.add(port=server.port)
+
+        async def handshake(r: Route) -> str | None:
+            conn = device_connection(ContextCache(None), r, world.keys.items[route.device])
+            _, writer = await asyncio.wait_for(open_tls(r.host, r.port, conn), 10)
+            writer.close()
+            return conn.get_group_name()
+
+        assert asyncio.run(handshake(route)) == "X25519MLKEM768"
+        wait_for(lambda: server.groups == ["X25519MLKEM768"], what="the server's view of the group")
+        # mosquitto's OpenSSL has no ML-KEM: the same settings fall back to X25519, no failure.
+        assert asyncio.run(handshake(replace(route, port=world.broker_port))) == "x25519"
+    finally:
+        server.close()
