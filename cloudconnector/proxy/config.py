@@ -42,6 +42,7 @@ class ProxyConfig:
     identity: tuple[str, ...] = ("ip",)  # tried in order: ip, client_id, username (= ICCID)
     connect_timeout: float = 10.0  # for the PROXY header + TLS handshake, then again for CONNECT
     upstream_timeout: float = 10.0  # TCP + TLS to the cloud, and its CONNACK
+    dns_cache_seconds: float = 10.0  # how long an endpoint's addresses are reused; 0: every time
     max_connections: int = 10_000
     max_packet_size: int = DEFAULT_MAX_SIZE
     default_ca_file: str | None = None  # trust for endpoints without caCertificate; else system
@@ -79,6 +80,7 @@ _PARSERS: dict[str, Any] = {
     "tls_reload_seconds": float,
     "connect_timeout": float,
     "upstream_timeout": float,
+    "dns_cache_seconds": float,
     "drain_seconds": float,
     "max_connections": int,
     "max_packet_size": int,

@@ -24,6 +24,7 @@ from cloudconnector.proxy.directory import Revocations, normalize_ip
 from cloudconnector.proxy.memory import settle_startup_objects, tune_allocator
 from cloudconnector.proxy.metrics import Metrics
 from cloudconnector.proxy.proxyproto import ProxyHeaderError, read_proxy_header
+from cloudconnector.proxy.resolver import Resolver
 from cloudconnector.proxy.session import Deps, serve
 from cloudconnector.proxy.upstream_tls import ContextCache
 from cloudconnector.routes import Directory, Route
@@ -48,7 +49,8 @@ class Proxy:
         self.directory = directory
         self.metrics = metrics or Metrics()
         contexts = ContextCache(config.default_ca_file)
-        self.deps = Deps(config, directory, keys, self.metrics, self._track, contexts)
+        resolver = Resolver(config.dns_cache_seconds)
+        self.deps = Deps(config, directory, keys, self.metrics, self._track, contexts, resolver)
         self.ports: dict[str, int] = {}  # "mqtt"/"tls" -> bound port (useful with port 0)
         self.accepting = False
         self._sockets: list[socket.socket] = []

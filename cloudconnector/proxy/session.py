@@ -44,6 +44,7 @@ from cloudconnector.proxy.config import ProxyConfig
 from cloudconnector.proxy.credentials import CredentialsUnusable
 from cloudconnector.proxy.metrics import DOWN, UP, Metrics
 from cloudconnector.proxy.pipe import relay_bytes
+from cloudconnector.proxy.resolver import Resolver
 from cloudconnector.proxy.transform import Relay, SessionTransform, TransformError, transform_for
 from cloudconnector.proxy.upstream_tls import ContextCache, device_connection, open_tls
 from cloudconnector.routes import Directory, Route
@@ -71,6 +72,7 @@ class Deps:
     metrics: Metrics
     track: Callable[[Route], contextlib.AbstractContextManager[None]]
     contexts: ContextCache
+    resolver: Resolver
 
 
 async def close_writer(writer: asyncio.StreamWriter, grace: float = 2.0) -> None:
@@ -211,7 +213,7 @@ async def _open_upstream(
     started = time.perf_counter()
     try:
         async with asyncio.timeout(cfg.upstream_timeout):
-            up_reader, up_writer = await open_tls(route.host, route.port, conn)
+            up_reader, up_writer = await open_tls(route.host, route.port, conn, deps.resolver)
     except (OSError, TimeoutError) as e:
         raise SessionEnd("upstream_unavailable", f"upstream: {short(e, 200)}", unavailable) from None
     finally:

@@ -29,6 +29,7 @@ from OpenSSL._util import lib as _lib
 
 from cloudconnector.keystore.base import KeyMaterial
 from cloudconnector.proxy.credentials import UPSTREAM_CIPHERS, CredentialsUnusable
+from cloudconnector.proxy.resolver import Resolver
 from cloudconnector.routes import Route
 
 # All TLS 1.3 suites that are AEAD with a 128/256-bit key; CCM suites are left out like Python's default.
@@ -390,7 +391,7 @@ class TLSLink(asyncio.Protocol, asyncio.Transport):
 
 
 async def open_tls(
-    host: str, port: int, conn: SSL.Connection
+    host: str, port: int, conn: SSL.Connection, resolver: Resolver | None = None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect and complete the handshake, verified against the context's anchors and ``host``."""
     loop = asyncio.get_running_loop()
@@ -398,9 +399,21 @@ async def open_tls(
     app = asyncio.StreamReaderProtocol(reader, loop=loop)
     handshake: asyncio.Future[None] = loop.create_future()
     link = TLSLink(conn, app, handshake)
+    resolver = resolver or Resolver(ttl=0)
     try:
-        await loop.create_connection(lambda: link, host, port)
+        addresses = await resolver.addresses(host, port)
+        for i, (family, sockaddr) in enumerate(addresses):
+            try:
+                await loop.create_connection(lambda: link, sockaddr[0], sockaddr[1], family=family)
+                break
+            except OSError:
+                if i == len(addresses) - 1:
+                    raise
         await handshake
+    except OSError:
+        resolver.forget(host, port)  # the next attempt asks DNS again
+        link.abort()
+        raise
     except BaseException:
         link.abort()
         raise
