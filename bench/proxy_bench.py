@@ -13,33 +13,12 @@ middle process. The load generator is one asyncio process (uvloop); at high rate
 bottleneck itself, which the "direct" column shows.
 
 nginx needs its stream module (Debian: ``apt-get install libnginx-mod-stream``); without it that
-column is skipped. Recorded run (2 vCPU VM, everything on one host, mosquitto 2.0.11, nginx 1.22,
-1000 devices with EC P-256 certificates, 5 s per phase, 64-byte payloads)::
-
-                           direct mTLS    proxy   nginx stream
-    connections/s                  263      230            203
-    paced q0 p50 / p99 ms    0.08/0.77  0.14/5.47     0.18/10.38
-    paced q1 p50 / p99 ms    0.26/7.24  0.32/8.42      0.29/5.85
-    max q0 msgs/s                14414    13713          11340
-    max q1 msgs/s                 9758    11889          12692
-    CPU ms/connection                -     2.24           1.36
-    KiB/idle connection              -     54.0           84.6
-    max q0 / q1 CPU µs/msg           -  17.7/10.5      13.3/11.5
-
-Figures move a lot between runs on this shared 2-vCPU VM. A second run (proxy and nginx only,
-3 s phases): proxy 315 conn/s vs nginx 489; max q0 31771 vs 38581 msgs/s (0.82x); max q1 21951
-vs 21508 (1.02x); paced p99 0.73/1.33 ms (q0/q1) vs nginx 18.4/0.84 ms; memory 90 KiB per idle
-connection (slope between the two halves) vs nginx 66 KiB.
-
-Against the issue's targets: throughput 0.82x-1.21x nginx (target 0.9x); connection setup
-0.64x-1.13x nginx (target >= 1x); CPU per connection 2.2-2.3 ms vs nginx 1.2-1.4 ms. Memory per
-idle connection 54-94 KiB (target 64): about 28 KiB of it is the per-device ``SSLContext`` (the
-price of never sharing TLS state between devices: removing it in a probe gave 66 KiB), and
-context creation is ~0.8 ms of the CPU per connection (0.5 ms loading the key pair). Added paced
-p99 over direct: from -0.1 ms to +4.7 ms depending on the run; on two cores shared by the
-generator, the broker and the middle process, p99 is dominated by scheduling (nginx's own q0 p99
-was 10-18 ms in the same runs). The memory "avg" row divides the whole growth by N; the "slope"
-row only counts the second half, leaving out the heap's one-time growth.
+column is skipped. The broker runs with Nagle off (``set_tcp_nodelay``), like nginx and the
+proxy; each connection's first message is reported on its own row, before the paced phases; the
+paced phases start on a quiet system (broker and middle process idle) and each device sends on a
+fixed grid. Figures, several runs and the targets are in docs/benchmarks.md, section 6. Diagnosis
+hooks: ``CC_BENCH_GCLOG=1`` (the proxy's garbage collections over 0.5 ms, with phase marks) and
+``CC_BENCH_CPROFILE=FILE`` (a profile of the proxy process, written when its path ends).
 """
 
 from __future__ import annotations
@@ -445,9 +424,8 @@ async def bench_path(
     gc.collect()
     gc.freeze()
 
-    # Each connection's first message, on its own: in the second and third paths of a run it has
-    # a tail of ≈ 30 ms through nginx and the proxy alike (not when that path runs first; cause
-    # not established, docs/benchmarks.md section 6), so the paced phases measure after it.
+    # Each connection's first message, on its own row: it is where per-connection first-use costs
+    # would show (with the broker's Nagle on it had a ≈ 35 ms p99, docs/benchmarks.md section 6).
     await quiesce([p for p in (args.broker_pid, middle_pid) if p])
     sink.reset()
     begin = time.monotonic() + 0.25
