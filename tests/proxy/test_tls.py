@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import socket
 import ssl
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -20,6 +18,7 @@ from cloudconnector.mqtt.packets import Connect
 from tests.proxy.conftest import Pki, ProxyThread, World, proxy_config, raw_connect, recv_all
 from tests.support.pki import CA
 from tests.support.procs import Mosquitto, wait_for
+from tests.support.tlsserver import LocalServer
 
 
 def tls_client(pki: Pki, **versions: ssl.TLSVersion) -> ssl.SSLContext:
@@ -154,7 +153,7 @@ def test_mosquitto_clients_as_devices(world: World, proxy: ProxyThread, broker: 
         sub.wait()
 
 
-class WeakServer:
+class WeakServer(LocalServer):
     """A TLS server that offers only what the proxy must refuse (old versions or weak suites)."""
 
     def __init__(self, pki: Pki, ctx_setup: Callable[[ssl.SSLContext], None], rsa: bool = False) -> None:
@@ -163,24 +162,14 @@ class WeakServer:
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(cert, key)
         ctx_setup(self.ctx)
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.handshakes: list[str] = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        self.start()
 
-    def _serve(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                conn, _ = self.sock.accept()
-                with contextlib.suppress(ssl.SSLError, OSError), conn:
-                    tls = self.ctx.wrap_socket(conn, server_side=True)
-                    self.handshakes.append(str(tls.version()))
-                    tls.recv(1)  # until the client goes
-                    tls.close()
-
-    def close(self) -> None:
-        self.sock.close()
+    def handle(self, raw: socket.socket) -> None:
+        tls = self.ctx.wrap_socket(raw, server_side=True)
+        self.handshakes.append(str(tls.version()))
+        tls.recv(1)  # until the client goes
+        tls.close()
 
 
 def tls11_only(ctx: ssl.SSLContext) -> None:

@@ -13,11 +13,10 @@ import contextlib
 import logging
 import socket
 import ssl
-import threading
 from dataclasses import replace
-from typing import Any
 
 import pytest
+from OpenSSL import SSL
 
 from cloudconnector.keystore.base import KeyMaterial
 from cloudconnector.mqtt import codec
@@ -27,6 +26,7 @@ from cloudconnector.routes import Route
 from tests.proxy.conftest import Pki, ProxyThread, World, raw_connect, recv_all
 from tests.support.pki import Issued
 from tests.support.procs import Mosquitto, wait_for
+from tests.support.tlsserver import LocalServer
 
 CONNACK_OK = b"\x20\x02\x00\x00"
 CONNACK_UNAVAILABLE = b"\x20\x02\x00\x03"
@@ -59,7 +59,7 @@ def test_device_key_leaves_the_connection_after_the_handshake(world: World) -> N
     assert conn.get_certificate() is None  # type: ignore[attr-defined]
 
 
-class ResumingServer:
+class ResumingServer(LocalServer):
     """A mutual-TLS server that would resume sessions (cache and tickets on) and records if it did."""
 
     def __init__(self, pki: Pki, version: ssl.TLSVersion) -> None:
@@ -71,24 +71,15 @@ class ResumingServer:
         self.ctx.load_verify_locations(cadata=pki.ca.cert_pem)
         self.ctx.verify_mode = ssl.CERT_REQUIRED
         self.ctx.minimum_version = self.ctx.maximum_version = version
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.reused: list[bool] = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.start()
 
-    def _serve(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                raw, _ = self.sock.accept()
-                with contextlib.suppress(ssl.SSLError, OSError), raw:
-                    tls = self.ctx.wrap_socket(raw, server_side=True)
-                    self.reused.append(tls.session_reused)
-                    tls.sendall(b"x")  # lets a TLS 1.3 client receive its ticket
-                    tls.recv(1)
-                    tls.close()
-
-    def close(self) -> None:
-        self.sock.close()
+    def handle(self, raw: socket.socket) -> None:
+        tls = self.ctx.wrap_socket(raw, server_side=True)
+        self.reused.append(tls.session_reused)
+        tls.sendall(b"x")  # lets a TLS 1.3 client receive its ticket
+        tls.recv(1)
+        tls.close()
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
@@ -127,29 +118,20 @@ def test_no_tls_session_is_ever_resumed(pki: Pki, world: World, version: ssl.TLS
         server.close()
 
 
-class NamedServer:
+class NamedServer(LocalServer):
     """A modern TLS server (trusted CA) whose certificate names only ``hosts``."""
 
     def __init__(self, pki: Pki, hosts: tuple[str, ...]) -> None:
         cert, key = pki.client_files(pki.ca.issue(hosts[0], hosts=hosts), f"named-{hosts[0]}")
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(cert, key)
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.handshakes = 0
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.start()
 
-    def _serve(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                raw, _ = self.sock.accept()
-                with contextlib.suppress(ssl.SSLError, OSError), raw:
-                    tls = self.ctx.wrap_socket(raw, server_side=True)
-                    self.handshakes += 1
-                    tls.recv(1)
-
-    def close(self) -> None:
-        self.sock.close()
+    def handle(self, raw: socket.socket) -> None:
+        tls = self.ctx.wrap_socket(raw, server_side=True)
+        self.handshakes += 1
+        tls.recv(1)
 
 
 @pytest.mark.parametrize(
@@ -265,33 +247,24 @@ def test_unusable_credentials_end_in_server_unavailable(
     assert "PRIVATE KEY" not in text and good.private_key_pem.decode().splitlines()[1][:32] not in text
 
 
-class PostQuantumServer:
+class PostQuantumServer(LocalServer):
     """A TLS 1.3 server on the bundled OpenSSL, which prefers the hybrid X25519MLKEM768 group."""
 
-    def __init__(self, pki: Pki) -> None:
-        from OpenSSL import SSL
+    errors = (SSL.Error, OSError)
 
+    def __init__(self, pki: Pki) -> None:
         issued = pki.ca.issue("localhost", hosts=("localhost",))
         self.ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
         self.ctx.use_certificate(issued.cert)
         self.ctx.use_privatekey(issued.key)
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.groups: list[str | None] = []
-        threading.Thread(target=self._serve, args=(SSL,), daemon=True).start()
+        self.start()
 
-    def _serve(self, ssl_mod: Any) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                raw, _ = self.sock.accept()
-                with contextlib.suppress(ssl_mod.Error, OSError), raw:
-                    conn = ssl_mod.Connection(self.ctx, raw)
-                    conn.set_accept_state()
-                    conn.do_handshake()
-                    self.groups.append(conn.get_group_name())
-
-    def close(self) -> None:
-        self.sock.close()
+    def handle(self, raw: socket.socket) -> None:
+        conn = SSL.Connection(self.ctx, raw)
+        conn.set_accept_state()
+        conn.do_handshake()
+        self.groups.append(conn.get_group_name())
 
 
 def test_hybrid_post_quantum_key_exchange_where_the_server_has_it(pki: Pki, world: World) -> None:
