@@ -22,7 +22,8 @@ WRITE_HIGH_WATER = 64 * 1024  # asyncio's own default high-water mark
 FLUSH_EVERY = 1.0  # seconds between counter updates: a locked increment per chunk is measurable
 
 
-def _ended(direction: str, what: str) -> str:
+def ended_reason(direction: str, what: str) -> str:
+    """How a session's end is logged: which side, and what it did."""
     return f"{'device' if direction == UP else 'cloud'} {what}"
 
 
@@ -83,7 +84,7 @@ class Pipe(asyncio.Protocol):
 
     def _end(self, what: str) -> None:
         if self.ended is not None and not self.ended.done():
-            self.ended.set_result(_ended(self._direction, what))
+            self.ended.set_result(ended_reason(self._direction, what))
 
     def start(self, src: Any, dst: Any, buffered: bytes, at_eof: bool, ended: asyncio.Future[str]) -> None:
         """Take over ``src`` and first pass on what its stream reader had buffered."""

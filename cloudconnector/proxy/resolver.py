@@ -10,6 +10,7 @@ the next attempt.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 import time
@@ -19,6 +20,15 @@ Address = tuple[int, Any]  # (address family, socket address)
 MAX_NAMES = 256  # endpoints are few; this only bounds a misconfiguration
 
 
+@functools.lru_cache(maxsize=MAX_NAMES)
+def literal_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address ``host`` spells, or None for a name (remembered: asked on every connection)."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
 class Resolver:
     def __init__(self, ttl: float = 10.0) -> None:
         self.ttl = ttl
@@ -26,13 +36,9 @@ class Resolver:
 
     async def addresses(self, host: str, port: int) -> list[Address]:
         """Where ``host:port`` may be reached, in the resolver's order."""
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            pass
-        else:
-            family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-            return [(family, (host, port))]
+        ip = literal_ip(host)
+        if ip is not None:
+            return [(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, (host, port))]
         key = (host, port)
         now = time.monotonic()
         cached = self._answers.get(key)

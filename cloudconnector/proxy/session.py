@@ -43,7 +43,7 @@ from cloudconnector.mqtt.packets import (
 from cloudconnector.proxy.config import ProxyConfig
 from cloudconnector.proxy.credentials import CredentialsUnusable
 from cloudconnector.proxy.metrics import DOWN, UP, Metrics
-from cloudconnector.proxy.pipe import relay_bytes
+from cloudconnector.proxy.pipe import ended_reason, relay_bytes
 from cloudconnector.proxy.resolver import Resolver
 from cloudconnector.proxy.transform import Relay, SessionTransform, TransformError, transform_for
 from cloudconnector.proxy.upstream_tls import ContextCache, device_connection, open_tls
@@ -291,10 +291,6 @@ async def _relay(deps: Deps, transform: SessionTransform, link: Link) -> str:
         await asyncio.gather(down_task, return_exceptions=True)
 
 
-def _ended(direction: str, what: str) -> str:
-    return f"{'device' if direction == UP else 'cloud'} {what}"
-
-
 async def _pump_packets(deps: Deps, link: Link, direction: str, handle: Callable[[Packet], Relay]) -> str:
     src, src_level = (link.dev_reader, link.dev_level) if direction == UP else (link.up_reader, link.up_level)
     count_bytes = deps.metrics.bytes.labels(direction)
@@ -313,10 +309,10 @@ async def _pump_packets(deps: Deps, link: Link, direction: str, handle: Callable
             await link.up_writer.drain()
             await link.dev_writer.drain()
     except asyncio.IncompleteReadError:
-        return _ended(direction, "closed")
+        return ended_reason(direction, "closed")
     except MalformedPacket as e:
-        return _ended(direction, f"sent a bad packet: {e}")
+        return ended_reason(direction, f"sent a bad packet: {e}")
     except TransformError as e:
-        return _ended(direction, f"sent what the endpoint cannot take: {e}")
+        return ended_reason(direction, f"sent what the endpoint cannot take: {e}")
     except (OSError, ssl.SSLError) as e:
-        return _ended(direction, f"connection failed: {short(e, 120)}")
+        return ended_reason(direction, f"connection failed: {short(e, 120)}")

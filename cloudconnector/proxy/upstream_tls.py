@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import ssl
 from collections import OrderedDict
 from typing import Any
@@ -29,7 +28,7 @@ from OpenSSL._util import lib as _lib
 
 from cloudconnector.keystore.base import KeyMaterial
 from cloudconnector.proxy.credentials import UPSTREAM_CIPHERS, CredentialsUnusable
-from cloudconnector.proxy.resolver import Resolver
+from cloudconnector.proxy.resolver import Resolver, literal_ip
 from cloudconnector.routes import Route
 
 # All TLS 1.3 suites that are AEAD with a 128/256-bit key; CCM suites are left out like Python's default.
@@ -148,10 +147,7 @@ def device_connection(contexts: ContextCache, route: Route, material: KeyMateria
 def _expect_peer(conn: SSL.Connection, host: str) -> None:
     """Verify the server's name during the handshake (before the device's certificate is sent)."""
     param = _lib.SSL_get0_param(conn._ssl)  # pyOpenSSL has no public setter for this
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        ip = None
+    ip = literal_ip(host)
     if ip is not None:
         ok = _lib.X509_VERIFY_PARAM_set1_ip(param, ip.packed, len(ip.packed))
     else:
