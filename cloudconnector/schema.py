@@ -232,18 +232,28 @@ def _present(obj: Mapping[str, Any], key: str) -> bool:
     return obj.get(key) is not None
 
 
-CEL_MIRRORS: Mapping[str, Callable[[Mapping[str, Any]], bool]] = {
-    "has(self.aws) == (self.type == 'AwsIotCore')": (
-        lambda s: _present(s, "aws") == (s.get("type") == "AwsIotCore")
+_LEADING_ZERO_OCTET = re.compile(r"(^|:)0[0-9]+[.]|[.]0[0-9]")
+
+
+def _exactly_when(section: str, kind: str) -> Callable[[Any], bool]:
+    return lambda s: _present(s, section) == (s.get("type") == kind)
+
+
+CEL_MIRRORS: Mapping[str, Callable[[Any], bool]] = {
+    "(has(self.aws) && self.type == 'AwsIotCore') || (!has(self.aws) && self.type != 'AwsIotCore')": (
+        _exactly_when("aws", "AwsIotCore")
     ),
-    "has(self.azure) == (self.type == 'AzureIotHub')": (
-        lambda s: _present(s, "azure") == (s.get("type") == "AzureIotHub")
+    "(has(self.azure) && self.type == 'AzureIotHub') || (!has(self.azure) && self.type != 'AzureIotHub')": (
+        _exactly_when("azure", "AzureIotHub")
     ),
-    "has(self.mqtt) == (self.type == 'MqttBroker')": (
-        lambda s: _present(s, "mqtt") == (s.get("type") == "MqttBroker")
+    "(has(self.mqtt) && self.type == 'MqttBroker') || (!has(self.mqtt) && self.type != 'MqttBroker')": (
+        _exactly_when("mqtt", "MqttBroker")
     ),
     "!has(self.registerCertificate) || has(self.credentialsSecretRef)": (
         lambda s: not _present(s, "registerCertificate") or _present(s, "credentialsSecretRef")
+    ),
+    "!self.matches('(^|:)0[0-9]+[.]|[.]0[0-9]')": (
+        lambda s: not (isinstance(s, str) and _LEADING_ZERO_OCTET.search(s))
     ),
 }
 """Python twins of the CRDs' CEL rules, keyed by the rule's exact text; tests check that every rule
@@ -423,9 +433,8 @@ def validate(obj: Mapping[str, Any]) -> list[SchemaError]:
         if any(not path or f == path or f.startswith((path + ".", path + "[")) for f in failed):
             continue
         check = CEL_MIRRORS.get(rule["rule"])
-        if check is not None and isinstance(value, Mapping) and not check(value):
-            field = path + rule.get("fieldPath", "") if rule.get("fieldPath") else path
-            errors.append(SchemaError(field, rule.get("message") or f"failed rule {rule['rule']}"))
+        if check is not None and not check(value):
+            errors.append(SchemaError(path, rule.get("message") or f"failed rule {rule['rule']}"))
     return sorted(set(errors), key=lambda e: (e.path, e.message))
 
 

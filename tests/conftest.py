@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.kube import Kube, Unavailable, real_cluster, skip_or_fail
 from tests.support.procs import Bao, Moto, run_bao, run_moto
 
 
@@ -20,3 +21,19 @@ def bao() -> Iterator[Bao]:
 def moto_server() -> Iterator[Moto]:
     with run_moto() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def kube() -> Iterator[Kube]:
+    """A real kube-apiserver with the CRDs installed (tests/support/kube.py says where it comes
+    from). Skipped with one line where none can be had, a failure under CI."""
+    try:
+        cluster = real_cluster()
+        server = cluster.__enter__()
+    except Unavailable as e:
+        skip_or_fail(str(e))
+        return
+    try:
+        yield server
+    finally:
+        cluster.__exit__(None, None, None)
