@@ -120,14 +120,11 @@ class Manifest:
 
 
 def crds_dir() -> Path:
-    """Where the CRD files are: ``$CLOUDCONNECTOR_CRDS_DIR``, else a copy shipped inside the
-    package (an installed wheel), else ``crds/`` next to the package in a checkout."""
+    """Where the CRD files are: ``$CLOUDCONNECTOR_CRDS_DIR`` (a test or a user trying a changed
+    schema), else ``cloudconnector/crds/`` inside the package, the one copy; the checkout's top-level
+    ``crds`` is a symlink to it, and the wheel carries it as package data."""
     override = os.environ.get(CRDS_DIR_ENV)
-    if override:
-        return Path(override)
-    here = Path(__file__).resolve().parent
-    shipped = here / "crds"
-    return shipped if shipped.is_dir() else here.parent / "crds"
+    return Path(override) if override else Path(__file__).resolve().parent / "crds"
 
 
 @functools.lru_cache(maxsize=8)

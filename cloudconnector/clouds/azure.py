@@ -266,7 +266,7 @@ class AzureIotHubProvisioner:
 
     async def aclose(self) -> None:
         if self._registry is not None:
-            self._registry.close()
+            await self._registry.aclose()
             self._registry = None
 
     # -- renewal ------------------------------------------------------------------------------

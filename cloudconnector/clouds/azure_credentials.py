@@ -6,7 +6,7 @@ Two accepted shapes of Secret data:
   (``HostName=...;SharedAccessKeyName=...;SharedAccessKey=...``);
 - a service principal: ``tenantId``, ``clientId``, ``clientSecret``, ``subscriptionId``,
   ``resourceGroup``, ``hubName``; azure-mgmt-iothub then reads a registry key of the hub. That
-  path needs the optional extra ``cloud-connector[azure-mgmt]`` and is imported only when used.
+  path needs the optional extra ``cloud-connector[azure]`` and is imported only when used.
 
 Nothing here logs or repeats the key; error messages name the missing or wrong field only.
 """
@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from cloudconnector.errors import CredentialsError, PermanentError, TransientError, short
+from cloudconnector.extras import require
 
 SP_FIELDS = ("tenantId", "clientId", "clientSecret", "subscriptionId", "resourceGroup", "hubName")
 # Policies that carry registry write rights on every hub, tried in this order.
@@ -87,15 +88,11 @@ def registry_key_via_mgmt(secret: Mapping[str, str]) -> RegistryCredentials:  # 
 
     Not exercised by the test suite: there is no ARM double here. Kept small on purpose.
     """
-    try:
-        from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
-        from azure.identity import ClientSecretCredential
-        from azure.mgmt.iothub import IotHubClient
-    except ImportError as e:
-        raise PermanentError(
-            "service principal credentials need the optional extra cloud-connector[azure-mgmt]",
-            reason="MissingDependency",
-        ) from e
+    require("service principal credentials", "azure", ("azure.identity", "azure.mgmt.iothub"))
+    from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
+    from azure.identity import ClientSecretCredential
+    from azure.mgmt.iothub import IotHubClient
+
     credential = ClientSecretCredential(secret["tenantId"], secret["clientId"], secret["clientSecret"])
     client = IotHubClient(credential, secret["subscriptionId"])
     group, hub = secret["resourceGroup"], secret["hubName"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from cloudconnector.clouds.base import Provisioner
+from cloudconnector.extras import require
 from cloudconnector.model import Endpoint, EndpointType
 from cloudconnector.ratelimit import RateLimiter
 
@@ -16,6 +17,7 @@ from cloudconnector.ratelimit import RateLimiter
 def make_provisioner(endpoint: Endpoint, credentials: Mapping[str, str], limiter: RateLimiter) -> Provisioner:
     """Build the provisioner for ``endpoint``; ``credentials`` is its API Secret's data."""
     if endpoint.type is EndpointType.AWS:
+        require("AwsIotCore endpoints", "aws", ("boto3",))
         from cloudconnector.clouds.aws import AwsIotProvisioner
 
         return AwsIotProvisioner(endpoint, credentials, limiter)

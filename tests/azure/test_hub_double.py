@@ -85,4 +85,4 @@ async def test_etags_conflicts_and_thumbprints(hub: HubDouble, azure_ca: CA) -> 
         assert not await reg.delete("d1")
         assert await reg.get("d1") is None
     finally:
-        reg.close()
+        await reg.aclose()

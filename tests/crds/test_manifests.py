@@ -172,7 +172,7 @@ def test_examples_directory_loads() -> None:
 
 def test_crds_dir_defaults_to_the_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(schema.CRDS_DIR_ENV, raising=False)
-    assert schema.crds_dir().resolve() == REPO / "crds"
+    assert schema.crds_dir().resolve() == (REPO / "crds").resolve()
 
 
 def test_crds_dir_can_be_overridden(
