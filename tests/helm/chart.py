@@ -134,8 +134,10 @@ def load() -> helm_python.Chart:
     return helm_python.Chart.load(CHART_DIR)
 
 
-def render(chart: helm_python.Chart, values: dict[str, Any]) -> Rendered:
-    manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+def render(
+    chart: helm_python.Chart, values: dict[str, Any], release: str = RELEASE, namespace: str = NAMESPACE
+) -> Rendered:
+    manifests = chart.render(values, name=release, namespace=namespace, is_install=True)
     objects: list[dict[str, Any]] = []
     notes = ""
     for path, text in sorted(manifests.items()):

@@ -229,7 +229,7 @@ class Kube:
 
 def install_crds(kube: Kube, crd_dir: Path = CRDS) -> None:
     """Apply the CRDs and wait until each is Established and its schema is in force."""
-    kube.kubectl("apply", "-f", str(crd_dir))
+    kube.kubectl("apply", "-f", f"{crd_dir}/")  # the trailing slash follows a symlinked folder
     for path in sorted(crd_dir.glob("*.yaml")):
         name = yaml.safe_load(path.read_text())["metadata"]["name"]
         kube.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
