@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from cloudconnector.errors import InvalidSpec
+from cloudconnector.identity import canonical_ip
 
 # The providers' documented device-registration limit; an Azure hub's registry is much slower
 # (100 operations/minute/unit on S1) so its default follows the hub, not AWS.
@@ -227,7 +227,7 @@ def parse_device(obj: Mapping[str, Any], *, thing_prefix: str = "") -> Device:
     ip = _str(obj, "spec.ip")
     if ip is not None:
         try:
-            ip = str(ipaddress.ip_address(ip))
+            ip = canonical_ip(ip)  # the spelling every index compares (IPv4-mapped IPv6 folds to IPv4)
         except ValueError:
             raise InvalidSpec("spec.ip", f"{ip!r} is not an IPv4 or IPv6 address") from None
     cloud_id = _str(obj, "spec.cloudId") or derive_cloud_id(ref.namespace, ref.name, thing_prefix)

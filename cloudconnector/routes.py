@@ -4,8 +4,12 @@ The operator (or the standalone reconciler) writes status; the proxy only reads 
 the single definition of which status fields the proxy relies on:
 
 Device ``status``: ``phase`` (Ready when usable), ``endpoint`` (name the identity was made at),
-``cloudId``, ``certificateId`` (changes on rotation), ``keyLocation``.
+``cloudId``, ``certificateId`` (changes on rotation), ``keyLocation`` (where the key store holds the
+device's credentials; the proxy reads them there).
 Endpoint ``status``: ``phase`` (Ready), ``host`` and ``port`` of the data plane.
+
+A directory answers an identity claimed by more than one Ready device with
+:class:`AmbiguousIdentity`, never with one of them (see :mod:`cloudconnector.identity`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from cloudconnector.errors import InvalidSpec
+from cloudconnector.identity import IdentityKey
 from cloudconnector.model import (
     EndpointType,
     ObjectRef,
@@ -40,10 +45,26 @@ class Route:
     client_id: str  # AWS thing name / Azure device id / MQTT client id
     certificate_id: str  # a new value means new credentials: reconnects must refetch
     topic_mapping: TopicMapping = TopicMapping.FLATTEN
+    key_location: str | None = None  # status.keyLocation; None: the key store's own slot path
+    max_packet_size: int | None = None  # spec.mqtt.maxPacketSize; None: the cloud's documented maximum
+
+
+class AmbiguousIdentity(LookupError):
+    """More than one device claims this identity: it is served to none of them."""
+
+    def __init__(self, key: IdentityKey, value: str, claimants: tuple[ObjectRef, ...]) -> None:
+        super().__init__(f"{key} {value} is claimed by {len(claimants)} devices")
+        self.key = key
+        self.value = value
+        self.claimants = claimants
 
 
 class Directory(Protocol):
-    """The proxy's view of provisioned devices; implementations keep it current."""
+    """The proxy's view of provisioned devices; implementations keep it current.
+
+    Both lookups return None for an unknown identity and raise :class:`AmbiguousIdentity` for one
+    that more than one device claims.
+    """
 
     def by_ip(self, ip: str) -> Route | None: ...
 
@@ -81,4 +102,6 @@ def build_route(
         client_id=dstatus.get("cloudId") or dev.cloud_id,
         certificate_id=str(dstatus.get("certificateId") or ""),
         topic_mapping=ep.azure.topic_mapping if ep.azure else TopicMapping.FLATTEN,
+        key_location=str(dstatus["keyLocation"]) if dstatus.get("keyLocation") else None,
+        max_packet_size=ep.mqtt.max_packet_size if ep.mqtt else None,
     )

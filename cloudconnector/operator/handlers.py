@@ -29,7 +29,7 @@ from cloudconnector.errors import (
 )
 from cloudconnector.model import Endpoint, Group, parse_device, parse_endpoint, parse_group
 from cloudconnector.operator.config import OperatorConfig
-from cloudconnector.operator.indexes import all_of, groups_on, one
+from cloudconnector.operator.indexes import all_of, groups_on, one, peers_of
 from cloudconnector.operator.runtime import DEVICES, ENDPOINTS, GROUPS, Runtime
 
 logger = logging.getLogger(__name__)
@@ -123,11 +123,9 @@ async def _reconcile_device(
             await save({**status, "phase": dev.FAILED, "message": str(e)})
             report.warn(e.reason, str(e))
             raise kopf.PermanentError(str(e)) from e
-        peers = [*all_of(device_peers, (namespace, "iccid", device.iccid))]
-        if device.ip:
-            peers += all_of(device_peers, (namespace, "ip", device.ip))
         reconciler = rt.device_reconciler(_lookup(endpoints_idx))
-        clashes = find_clashes(device, peers)
+        # Peers from every watched namespace: an identity is unique across the proxy's scope.
+        clashes = find_clashes(device, peers_of(device_peers, device))
         try:
             await reconciler.reconcile(
                 device,
@@ -145,8 +143,8 @@ async def _reconcile_device(
             _raise_for_kopf(e)
     if clashes and status.get("phase") != dev.CONFLICT:
         # A newly found clash concerns the other side too (it may be Ready and unaware).
-        for other in {name for clash in clashes for name in clash.others}:
-            await rt.retrigger(DEVICES, namespace, other, "conflict")
+        for other in {ref for clash in clashes for ref in clash.others}:
+            await rt.retrigger(DEVICES, other.namespace, other.name, "conflict")
 
 
 @kopf.on.resume(*DEVICE_KIND)

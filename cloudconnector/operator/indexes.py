@@ -3,7 +3,6 @@ without an API call (and that are complete before the first handler runs)."""
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -12,6 +11,8 @@ import kopf
 from cloudconnector import api
 from cloudconnector.core.conditions import working_copy
 from cloudconnector.core.conflicts import Peer
+from cloudconnector.identity import Claim, claims
+from cloudconnector.model import Device, ObjectRef
 
 Body = dict[str, Any]
 
@@ -35,29 +36,20 @@ def devices_by_group(
 
 
 @kopf.index(api.GROUP, api.VERSION, api.DEVICES)
-def device_peers(
-    namespace: str, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any
-) -> dict[tuple[str, str, str], Peer]:
+def device_peers(namespace: str, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any) -> dict[Claim, Peer]:
+    """Devices by identity key, across every namespace the operator watches: that is the scope
+    the proxy serves (:class:`cloudconnector.identity.Scope`), so it is where a key must be unique."""
     if meta.get("deletionTimestamp"):
         return {}  # a device on its way out no longer blocks its IP or SIM
     sim = spec.get("sim") or {}
-    peer = Peer(name=name, ip=_normal_ip(spec.get("ip")), iccid=str(sim.get("iccid") or ""))
-    keys: dict[tuple[str, str, str], Peer] = {}
-    if peer.ip:
-        keys[(namespace, "ip", peer.ip)] = peer
-    if peer.iccid:
-        keys[(namespace, "iccid", peer.iccid)] = peer
-    return keys
+    ip = spec.get("ip")
+    peer = Peer(ObjectRef(namespace, name), ip if isinstance(ip, str) else None, str(sim.get("iccid") or ""))
+    return {claim: peer for claim in peer.claims}
 
 
-def _normal_ip(text: Any) -> str | None:
-    # Compared with Device.ip, which the model normalises (e.g. IPv6 zero compression).
-    if not isinstance(text, str):
-        return None
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        return text
+def peers_of(device_peers: Mapping[Any, Any], device: Device) -> list[Peer]:
+    """Every Device (the device itself included) that claims one of ``device``'s identity keys."""
+    return [peer for claim in claims(device.ip, device.iccid) for peer in all_of(device_peers, claim)]
 
 
 def one(index: Mapping[Any, Any], key: Any) -> Any:

@@ -4,34 +4,35 @@ The proxy looks devices up through :class:`cloudconnector.routes.Directory`. Dir
 change at run time (the Kubernetes watch, the standalone reconciler) also implement
 :class:`Revocations`: when a device disappears or its route changes (new certificate after a
 rotation, another endpoint after a move), subscribers hear its ``ObjectRef`` and end its session.
+
+Every identity key (address, ICCID) maps to the set of devices that claim it. One claimant is
+served; two or more make the key ambiguous: lookups raise
+:class:`~cloudconnector.routes.AmbiguousIdentity` and the live sessions of all claimants end, so
+that a device can never be given another device's cloud identity because of which one the index
+happened to see last. The operator reports the same clash as ``Conflict`` on both Devices.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Callable, Iterable
 from typing import Protocol, runtime_checkable
 
+from cloudconnector.identity import Claim, IdentityKey, canonical_ip, claims
 from cloudconnector.model import ObjectRef
-from cloudconnector.routes import Route
+from cloudconnector.routes import AmbiguousIdentity, Route
 
 log = logging.getLogger(__name__)
 
 RevokeCallback = Callable[[ObjectRef], None]
 
+# Kept under its old name: the listener folds peer addresses with it.
+normalize_ip = canonical_ip
+
 
 @runtime_checkable
 class Revocations(Protocol):
     def subscribe(self, callback: RevokeCallback) -> None: ...
-
-
-def normalize_ip(ip: str) -> str:
-    """One spelling per address: IPv4-mapped IPv6 becomes IPv4, IPv6 is compressed."""
-    addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return str(addr)
 
 
 def _same_session(a: Route, b: Route) -> bool:
@@ -46,13 +47,16 @@ def _same_session(a: Route, b: Route) -> bool:
     )
 
 
+def _claims(route: Route) -> tuple[Claim, ...]:
+    return claims(route.ip, route.iccid)
+
+
 class StaticDirectory:
     """Routes held in memory, replaced wholesale or one by one."""
 
     def __init__(self, routes: Iterable[Route] = ()) -> None:
         self._routes: dict[ObjectRef, Route] = {}
-        self._by_ip: dict[str, Route] = {}
-        self._by_iccid: dict[str, Route] = {}
+        self._claimants: dict[Claim, dict[ObjectRef, Route]] = {}
         self._subscribers: list[RevokeCallback] = []
         self.replace(routes)
 
@@ -61,12 +65,20 @@ class StaticDirectory:
 
     def by_ip(self, ip: str) -> Route | None:
         try:
-            return self._by_ip.get(normalize_ip(ip))
+            return self._lookup((IdentityKey.IP, canonical_ip(ip)))
         except ValueError:
             return None
 
     def by_iccid(self, iccid: str) -> Route | None:
-        return self._by_iccid.get(iccid)
+        return self._lookup((IdentityKey.ICCID, iccid))
+
+    def ambiguous(self) -> dict[Claim, tuple[ObjectRef, ...]]:
+        """Every identity key claimed by more than one device, with its claimants."""
+        return {
+            claim: tuple(sorted(holders, key=str))
+            for claim, holders in self._claimants.items()
+            if len(holders) > 1
+        }
 
     def routes(self) -> list[Route]:
         return list(self._routes.values())
@@ -77,19 +89,25 @@ class StaticDirectory:
         revoked = [
             ref for ref, old in self._routes.items() if ref not in new or not _same_session(old, new[ref])
         ]
+        before = self.ambiguous()
         self._routes = new
-        self._reindex()
-        self._notify(revoked)
+        self._claimants = {}
+        for route in new.values():
+            self._index(route)
+        revoked += self._newly_ambiguous(before)
+        self._notify(list(dict.fromkeys(revoked)))
 
     def put(self, route: Route) -> None:
         """Add or update one device's route (constant time: the watch calls this per event)."""
         old = self._routes.get(route.device)
+        before = {c: refs for c in _claims(route) if len(refs := tuple(self._claimants.get(c, ()))) > 1}
         self._routes[route.device] = route
         if old is not None:
             self._unindex(old)
         self._index(route)
-        if old is not None and not _same_session(old, route):
-            self._notify([route.device])
+        revoked = [route.device] if old is not None and not _same_session(old, route) else []
+        revoked += self._newly_ambiguous(before, _claims(route))
+        self._notify(list(dict.fromkeys(revoked)))
 
     def remove(self, device: ObjectRef) -> None:
         old = self._routes.pop(device, None)
@@ -100,24 +118,50 @@ class StaticDirectory:
     def get(self, device: ObjectRef) -> Route | None:
         return self._routes.get(device)
 
+    def _lookup(self, claim: Claim) -> Route | None:
+        holders = self._claimants.get(claim)
+        if not holders:
+            return None
+        if len(holders) > 1:
+            raise AmbiguousIdentity(claim[0], claim[1], tuple(sorted(holders, key=str)))
+        return next(iter(holders.values()))
+
     def _index(self, route: Route) -> None:
-        if route.ip:
-            self._by_ip[normalize_ip(route.ip)] = route
-        self._by_iccid[route.iccid] = route
+        for claim in _claims(route):
+            self._claimants.setdefault(claim, {})[route.device] = route
 
     def _unindex(self, route: Route) -> None:
-        # Only if the entry is still this route's: two devices may (wrongly) share an address.
-        if route.ip:
-            ip = normalize_ip(route.ip)
-            if self._by_ip.get(ip) is route:
-                del self._by_ip[ip]
-        if self._by_iccid.get(route.iccid) is route:
-            del self._by_iccid[route.iccid]
+        for claim in _claims(route):
+            holders = self._claimants.get(claim)
+            if holders is None:
+                continue
+            holders.pop(route.device, None)
+            if not holders:
+                del self._claimants[claim]
+            elif len(holders) == 1:
+                remaining = str(next(iter(holders)))
+                log.info("identity claimed once again", extra={"identity": claim[0], "device": remaining})
 
-    def _reindex(self) -> None:
-        self._by_ip, self._by_iccid = {}, {}
-        for route in self._routes.values():
-            self._index(route)
+    def _newly_ambiguous(
+        self, before: dict[Claim, tuple[ObjectRef, ...]], where: Iterable[Claim] | None = None
+    ) -> list[ObjectRef]:
+        """Claimants of keys that became ambiguous: their live sessions must end. Logged once per
+        key, with the claimants (the value itself may be an ICCID: it stays out of the log)."""
+        keys = self._claimants.keys() if where is None else where
+        revoked: list[ObjectRef] = []
+        for claim in keys:
+            holders = self._claimants.get(claim) or {}
+            if len(holders) > 1 and set(before.get(claim, ())) != set(holders):
+                refs = sorted(holders, key=str)
+                devices = ", ".join(map(str, refs))
+                log.warning(
+                    "%s identity claimed by several devices (%s): refused to all of them",
+                    claim[0],
+                    devices,
+                    extra={"identity": claim[0], "devices": devices},
+                )
+                revoked += refs
+        return revoked
 
     def _notify(self, refs: list[ObjectRef]) -> None:
         for ref in refs:

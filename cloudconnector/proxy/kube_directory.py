@@ -1,11 +1,14 @@
 """The proxy's device directory, kept current from the Kubernetes API (list, then watch).
 
-It follows Devices, Groups and Endpoints (in one namespace or all), and after every change
-updates identity -> Route with :func:`cloudconnector.routes.build_route`, the one definition of
-which status fields make a device usable. Updates go through a :class:`StaticDirectory`, so
-a device that is deleted, stops being Ready, gets a new certificate or moves to another endpoint
-has its live session ended. The proxy only reads these resources: its RBAC role needs list and
-watch, nothing else.
+It follows Devices, Groups and Endpoints in the proxy's :class:`~cloudconnector.identity.Scope`
+(one namespace, a list or pattern of them, or all), and after every change updates identity ->
+Route with :func:`cloudconnector.routes.build_route`, the one definition of which status fields
+make a device usable. Updates go through a :class:`StaticDirectory`, so a device that is deleted,
+stops being Ready, gets a new certificate or moves to another endpoint has its live session ended;
+an identity two devices claim is refused to both. The proxy only reads these resources: its RBAC
+role needs list and watch, nothing else. A scope of several namespaces is watched cluster-wide and
+objects outside it are ignored, so the index holds exactly the namespaces the operator checks
+conflicts in.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 from cloudconnector import api
 from cloudconnector.errors import short
+from cloudconnector.identity import Scope
 from cloudconnector.kube.client import KubeClient, KubeError, Resource
 from cloudconnector.model import ObjectRef
 from cloudconnector.proxy.directory import RevokeCallback, StaticDirectory
@@ -43,13 +47,14 @@ class KubeDirectory:
     def __init__(
         self,
         client: KubeClient,
-        namespace: str | None = None,
+        namespace: str | Scope | None = None,
         *,
         retry_seconds: float = 2.0,
         on_change: Callable[[], None] | None = None,
     ) -> None:
         self.client = client
-        self.namespace = namespace
+        self.scope = namespace if isinstance(namespace, Scope) else Scope.parse(namespace)
+        self.namespace = self.scope.single_namespace  # None: list and watch the whole cluster
         self.retry_seconds = retry_seconds
         self.on_change = on_change  # for tests and metrics: called after each rebuild
         self._index = StaticDirectory()
@@ -81,7 +86,8 @@ class KubeDirectory:
         while True:
             try:
                 listing = await self.client.request("GET", res.path(self.namespace)) or {}
-                self._objects[res.plural] = {_key(o): o for o in listing.get("items") or []}
+                items = (o for o in listing.get("items") or [] if self._covers(o))
+                self._objects[res.plural] = {_key(o): o for o in items}
                 self._listed.add(res.plural)
                 self._rebuild()
                 version = (listing.get("metadata") or {}).get("resourceVersion")
@@ -96,7 +102,7 @@ class KubeDirectory:
             kind, obj = event.get("type"), event.get("object") or {}
             if kind == "ERROR":  # e.g. 410 Gone: our version is too old; list again
                 return
-            if kind == "BOOKMARK":
+            if kind == "BOOKMARK" or not self._covers(obj):
                 continue
             key = _key(obj)
             if kind == "DELETED":
@@ -105,6 +111,9 @@ class KubeDirectory:
                 store[key] = obj
             self._changed(res, key)
         # The server closed the stream (watches time out); the caller lists again.
+
+    def _covers(self, obj: Obj) -> bool:
+        return self.scope.covers(_key(obj)[0])
 
     def _changed(self, res: Resource, key: Key) -> None:
         """Recompute only the routes one event can affect: O(1) for a device, a scan for the

@@ -47,7 +47,7 @@ from cloudconnector.proxy.pipe import ended_reason, relay_bytes
 from cloudconnector.proxy.resolver import Resolver
 from cloudconnector.proxy.transform import Relay, SessionTransform, TransformError, transform_for
 from cloudconnector.proxy.upstream_tls import ContextCache, device_connection, open_tls
-from cloudconnector.routes import Directory, Route
+from cloudconnector.routes import AmbiguousIdentity, Directory, Route
 
 log = logging.getLogger("cloudconnector.proxy")
 
@@ -89,14 +89,19 @@ async def close_writer(writer: asyncio.StreamWriter, grace: float = 2.0) -> None
 
 
 def identify(deps: Deps, connect: Connect, peer_ip: str | None) -> tuple[Route | None, str]:
+    """The route and the mode that found it; ``(None, mode)`` when that mode's identity is claimed
+    by several devices (refused outright: no other mode is tried), ``(None, "")`` when unknown."""
     for mode in deps.config.identity:
         route = None
-        if mode == "ip" and peer_ip:
-            route = deps.directory.by_ip(peer_ip)
-        elif mode == "client_id" and connect.client_id:
-            route = deps.directory.by_iccid(connect.client_id)
-        elif mode == "username" and connect.username:
-            route = deps.directory.by_iccid(connect.username)
+        try:
+            if mode == "ip" and peer_ip:
+                route = deps.directory.by_ip(peer_ip)
+            elif mode == "client_id" and connect.client_id:
+                route = deps.directory.by_iccid(connect.client_id)
+            elif mode == "username" and connect.username:
+                route = deps.directory.by_iccid(connect.username)
+        except AmbiguousIdentity:
+            return None, mode
         if route is not None:
             return route, mode
     return None, ""
@@ -115,6 +120,9 @@ async def serve(
         level = connect.protocol_level
         fields["mqtt"] = level
         route, mode = identify(deps, connect, peer)
+        if route is None and mode:
+            reason = f"identity ({mode}) claimed by several devices"
+            raise SessionEnd("ambiguous_identity", reason, NOT_AUTHORIZED)
         if route is None:
             raise SessionEnd("unknown_device", "no ready device for this identity", NOT_AUTHORIZED)
         fields.update(device=str(route.device), identity=mode, endpoint=f"{route.host}:{route.port}")

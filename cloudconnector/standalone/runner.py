@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cloudconnector import api, schema
-from cloudconnector.core.conflicts import Peer, find_clashes
+from cloudconnector.core.conflicts import Peer, PeerIndex
 from cloudconnector.core.device import DeviceReconciler, has_identity
 from cloudconnector.core.endpoint import READY as ENDPOINT_READY
 from cloudconnector.core.endpoint import Usage, check_endpoint, set_revocable
@@ -212,11 +212,12 @@ class Runner:
     async def _devices_pass(self, removed: Callable[[StoredObject], bool], result: PassResult) -> None:
         objects = self.store.list(api.KIND_DEVICE)
         live = [o for o in objects if not removed(o)]
-        peers: dict[str, list[Peer]] = {}
+        # One proxy serves every namespace of the store: identities are unique across all of them.
+        parsed: list[Peer] = []
         for obj in live:
             with contextlib.suppress(InvalidSpec):  # reported by _reconcile_device
-                dev = parse_device(obj.body)  # the prefix does not matter for IP and ICCID clashes
-                peers.setdefault(dev.ref.namespace, []).append(Peer(dev.ref.name, dev.ip, dev.iccid))
+                parsed.append(Peer.of(parse_device(obj.body)))  # the prefix does not matter here
+        peers = PeerIndex(parsed)
         now = time.monotonic()
         tasks = []
         for obj in objects:
@@ -230,10 +231,10 @@ class Runner:
             elif self._failed.get(key) == obj.body["metadata"]["generation"]:
                 result.failed[key] = str(obj.status.get("message") or "failed")
             else:
-                tasks.append(self._reconcile_device(obj, peers.get(obj.ref.namespace, []), result))
+                tasks.append(self._reconcile_device(obj, peers, result))
         await asyncio.gather(*tasks)
 
-    async def _reconcile_device(self, obj: StoredObject, peers: list[Peer], result: PassResult) -> None:
+    async def _reconcile_device(self, obj: StoredObject, peers: PeerIndex, result: PassResult) -> None:
         namespace = obj.ref.namespace
         group_obj = self.store.get(api.KIND_GROUP, ObjectRef(namespace, obj.body["spec"]["group"]))
         group = parse_group(group_obj.body) if group_obj is not None else None
@@ -261,7 +262,7 @@ class Runner:
                     obj.status,
                     self._save(api.KIND_DEVICE, device.ref),
                     endpoint_ready=ready,
-                    clashes=find_clashes(device, peers),
+                    clashes=peers.clashes(device),
                 ),
             )
 

@@ -17,7 +17,7 @@ from cloudconnector.core.group import count
 from cloudconnector.core.provisioners import ProvisionerPool
 from cloudconnector.keystore.vault import VaultKeyStore
 from cloudconnector.keystore.vault_config import VaultConfig
-from cloudconnector.model import Endpoint, parse_device, parse_endpoint, parse_group
+from cloudconnector.model import Endpoint, ObjectRef, parse_device, parse_endpoint, parse_group
 from tests.operator.conftest import FAKE_KEYS, Vault
 from tests.support.procs import Moto
 
@@ -54,14 +54,14 @@ def _device(name: str, ip: str | None, iccid: str) -> Any:
 def test_clashes_by_ip_and_iccid() -> None:
     me = _device("me", "10.0.0.1", "893530000000000001")
     peers = [
-        Peer("me", "10.0.0.1", "893530000000000001"),
-        Peer("ip-twin", "10.0.0.1", "893530000000000002"),
-        Peer("sim-twin", "10.0.0.9", "893530000000000001"),
-        Peer("stranger", "10.0.0.7", "893530000000000003"),
+        Peer(ObjectRef("ns", "me"), "10.0.0.1", "893530000000000001"),
+        Peer(ObjectRef("ns", "ip-twin"), "10.0.0.1", "893530000000000002"),
+        Peer(ObjectRef("ns", "sim-twin"), "10.0.0.9", "893530000000000001"),
+        Peer(ObjectRef("ns", "stranger"), "10.0.0.7", "893530000000000003"),
     ]
     clashes = {c.field: c.others for c in find_clashes(me, peers)}
-    assert clashes == {"ip": ("ip-twin",), "iccid": ("sim-twin",)}
-    assert find_clashes(me, [Peer("me", "10.0.0.1", "893530000000000001")]) == ()
+    assert clashes == {"ip": (ObjectRef("ns", "ip-twin"),), "iccid": (ObjectRef("ns", "sim-twin"),)}
+    assert find_clashes(me, [Peer(ObjectRef("ns", "me"), "10.0.0.1", "893530000000000001")]) == ()
 
 
 def test_group_counts() -> None:
