@@ -80,7 +80,12 @@ class Kube:
         timeout: float = 60,
     ) -> subprocess.CompletedProcess[str]:
         """Run kubectl against this cluster; stdout and stderr are returned as text."""
-        env = {**os.environ, "KUBECONFIG": str(kubeconfig or self.kubeconfig)}
+        # A discovery cache of this run's own, so that it can be dropped when CRDs are installed.
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(kubeconfig or self.kubeconfig),
+            "KUBECACHEDIR": str(self.workdir / "kubectl-cache"),
+        }
         done = subprocess.run(
             ["kubectl", *args],
             input=input,
@@ -250,6 +255,8 @@ def install_crds(kube: Kube, crd_dir: Path = CRDS) -> None:
         return False
 
     kube.wait("the CRD schemas to be in force", refused, timeout=30)
+    # kubectl may have cached the API's discovery before the CRDs were there.
+    shutil.rmtree(kube.workdir / "kubectl-cache", ignore_errors=True)
 
 
 def _from_kubeconfig(path: Path, workdir: Path) -> Kube:
