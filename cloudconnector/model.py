@@ -16,11 +16,13 @@ from typing import Any
 
 from cloudconnector.errors import InvalidSpec
 from cloudconnector.identity import canonical_ip
+from cloudconnector.mqtt.packets import MQTT_MAX_PACKET_SIZE
 
 # The providers' documented device-registration limit; an Azure hub's registry is much slower
 # (100 operations/minute/unit on S1) so its default follows the hub, not AWS.
 DEFAULT_RATE = {"AwsIotCore": 15.0, "AzureIotHub": 100.0 / 60.0, "MqttBroker": 15.0}
 
+MIN_PACKET_SIZE = 1024  # spec.mqtt.maxPacketSize: below this a CONNECT with a will may not fit
 _THING_NAME = re.compile(r"^[a-zA-Z0-9:_-]{1,128}$")
 _ICCID = re.compile(r"^[0-9]{18,22}$")
 _IMSI = re.compile(r"^[0-9]{15}$")
@@ -76,6 +78,8 @@ class AzureSpec:
 class MqttSpec:
     host: str
     credentials_from_device_secret: bool = True
+    # Largest MQTT packet relayed either way; by default MQTT's own maximum, as mosquitto accepts.
+    max_packet_size: int = MQTT_MAX_PACKET_SIZE
 
 
 @dataclass(frozen=True)
@@ -194,7 +198,11 @@ def parse_endpoint(obj: Mapping[str, Any]) -> Endpoint:
             topic_mapping=TopicMapping(_get(obj, "spec.azure.topicMapping", default="Flatten")),
         )
     else:
-        mqtt = MqttSpec(host=_str(obj, "spec.mqtt.host", required=True))
+        max_packet = _get(obj, "spec.mqtt.maxPacketSize", default=MQTT_MAX_PACKET_SIZE)
+        if type(max_packet) is not int or not MIN_PACKET_SIZE <= max_packet <= MQTT_MAX_PACKET_SIZE:
+            bounds = f"from {MIN_PACKET_SIZE} to {MQTT_MAX_PACKET_SIZE}"
+            raise InvalidSpec("spec.mqtt.maxPacketSize", f"must be an integer {bounds}")
+        mqtt = MqttSpec(host=_str(obj, "spec.mqtt.host", required=True), max_packet_size=max_packet)
     return Endpoint(ref, generation, etype, port, rate, ca, aws, azure, mqtt, uid)
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 MQTT_311 = 4
 MQTT_5 = 5
 MQTT_31 = 3  # the pre-standard "MQIsdp" level; framed like 3.1.1
+# The largest packet MQTT can frame: header byte, four length bytes, 268,435,455 bytes of body.
+MQTT_MAX_PACKET_SIZE = 1 + 4 + 268_435_455
 
 
 class PacketType(enum.IntEnum):
@@ -188,6 +190,7 @@ Packet = (
 NOT_AUTHORIZED = {MQTT_311: 5, MQTT_5: 0x87}
 SERVER_UNAVAILABLE = {MQTT_311: 3, MQTT_5: 0x88}
 UNSUPPORTED_VERSION = {MQTT_311: 1, MQTT_5: 0x84}
+IDENTIFIER_REJECTED = {MQTT_311: 2, MQTT_5: 0x85}
 MALFORMED = 0x81  # 5.0 DISCONNECT reason
 PACKET_TOO_LARGE = 0x95  # 5.0 DISCONNECT reason
 
