@@ -256,6 +256,19 @@ CEL_MIRRORS: Mapping[str, Callable[[Any], bool]] = {
 """Python twins of the CRDs' CEL rules, keyed by the rule's exact text; tests check that every rule
 in crds/ has one and that both agree on the examples and counter-examples."""
 
+CEL_FIELDS: Mapping[str, str] = {
+    "(has(self.aws) && self.type == 'AwsIotCore') || (!has(self.aws) && self.type != 'AwsIotCore')": "aws",
+    "(has(self.azure) && self.type == 'AzureIotHub') || (!has(self.azure) && self.type != 'AzureIotHub')": (
+        "azure"
+    ),
+    "(has(self.mqtt) && self.type == 'MqttBroker') || (!has(self.mqtt) && self.type != 'MqttBroker')": "mqtt",
+    "!has(self.registerCertificate) || has(self.credentialsSecretRef)": "registerCertificate",
+}
+"""The field a cross-field rule is about, below the node that carries it. Kubernetes before 1.28
+has no ``fieldPath`` on a rule, so the rule's message names the field for the API server and this
+table names it for :func:`validate`."""
+
+
 
 TRANSITION_RULES: frozenset[str] = frozenset({"self == oldSelf"})
 """CEL rules that compare with the stored object (``oldSelf``): the API server runs them on updates
@@ -431,7 +444,8 @@ def validate(obj: Mapping[str, Any]) -> list[SchemaError]:
             continue
         check = CEL_MIRRORS.get(rule["rule"])
         if check is not None and not check(value):
-            errors.append(SchemaError(path, rule.get("message") or f"failed rule {rule['rule']}"))
+            field = _join(path, CEL_FIELDS[rule["rule"]]) if rule["rule"] in CEL_FIELDS else path
+            errors.append(SchemaError(field, rule.get("message") or f"failed rule {rule['rule']}"))
     return sorted(set(errors), key=lambda e: (e.path, e.message))
 
 

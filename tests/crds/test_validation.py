@@ -4,6 +4,7 @@ real CEL interpreter) agree with their Python mirrors."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import celpy
@@ -13,6 +14,7 @@ from cloudconnector import api, schema
 from cloudconnector.errors import InvalidSpec
 from cloudconnector.model import parse_device, parse_endpoint, parse_group
 from tests.crds.conftest import DELETE, EXAMPLES, changed, crd_documents, root_schema
+from tests.support.kube import ApiError, Kube
 
 PARSERS = {"Endpoint": parse_endpoint, "Group": parse_group, "Device": parse_device}
 
@@ -31,6 +33,8 @@ COUNTER_EXAMPLES: list[tuple[str, str, str, object, str]] = [
     ("ip with a prefix length", "device", "spec.ip", "10.64.0.0/24", "spec.ip"),
     ("ip is a host name", "device", "spec.ip", "meter.local", "spec.ip"),
     ("ipv6 with two ::", "device", "spec.ip", "fd00::64::19", "spec.ip"),
+    ("ipv4 with leading zeros", "device", "spec.ip", "010.064.000.017", "spec.ip"),
+    ("one ipv4 octet with a leading zero", "device", "spec.ip", "10.64.0.017", "spec.ip"),
     ("missing group", "device", "spec.group", DELETE, "spec.group"),
     ("empty group", "device", "spec.group", "", "spec.group"),
     ("group not a DNS name", "device", "spec.group", "Meters_A", "spec.group"),
@@ -360,7 +364,10 @@ def test_every_cel_rule_compiles_and_has_a_python_mirror() -> None:
         mirrored = rule["rule"] in schema.CEL_MIRRORS or rule["rule"] in schema.TRANSITION_RULES
         assert mirrored, f"{where}: no Python mirror for {rule['rule']}"
         assert rule.get("message"), where
-        assert rule.get("fieldPath", ".").startswith(".")
+        # Only what Kubernetes 1.25 knows: reason, fieldPath and messageExpression came later.
+        assert set(rule) <= {"rule", "message"}, f"{where}: {sorted(rule)}"
+        if rule["rule"] in schema.CEL_FIELDS:
+            assert f"spec.{schema.CEL_FIELDS[rule['rule']]}" in rule["message"], where
 
 
 def _cel_cases(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
@@ -425,3 +432,98 @@ def test_azure_hub_host_is_immutable_but_other_fields_are_not(azure_endpoint: di
     assert [e.path for e in schema.validate_update(azure_endpoint, moved)] == ["spec.azure.hostName"]
     slower = changed(azure_endpoint, "spec.rateLimit.devicesPerSecond", 0.5)
     assert schema.validate_update(azure_endpoint, slower) == []
+
+
+# Adding or removing a field that names the identity changes it as much as editing it does, so
+# these rules sit on the parent, where oldSelf exists in every case.
+@pytest.mark.parametrize(
+    ("base", "parent", "key", "old", "new"),
+    [
+        ("device", "spec", "cloudId", "meter-a", "meter-b"),
+        ("device", "spec", "cloudId", DELETE, "meter-b"),
+        ("device", "spec", "cloudId", "meter-a", DELETE),
+        ("aws_endpoint", "spec.aws", "thingPrefix", "site1-", "site2-"),
+        ("aws_endpoint", "spec.aws", "thingPrefix", DELETE, "site2-"),
+        ("aws_endpoint", "spec.aws", "thingPrefix", "site1-", DELETE),
+    ],
+)
+def test_identity_naming_fields_cannot_drift(
+    request: pytest.FixtureRequest, base: str, parent: str, key: str, old: Any, new: Any
+) -> None:
+    obj = request.getfixturevalue(base)
+    before = changed(obj, f"{parent}.{key}", old)
+    after = changed(obj, f"{parent}.{key}", new)
+    errors = schema.validate_update(before, after)
+    assert [e.path for e in errors] == [parent]
+    assert f"{parent}.{key} cannot be added, changed or removed" in errors[0].message
+    assert schema.validate_update(before, before) == []
+    # The API server's CEL agrees, on the parent node the rule stands on.
+    (rule,) = [r for r in schema.TRANSITION_RULES if f"self.{key}" in r]
+    old_parent = before
+    new_parent = after
+    for part in parent.split("."):
+        old_parent, new_parent = old_parent[part], new_parent[part]
+    assert _cel_transition(rule, old_parent, new_parent) is False
+    assert _cel_transition(rule, old_parent, old_parent) is True
+
+
+def test_an_empty_thing_prefix_is_the_same_as_none(aws_endpoint: dict[str, Any]) -> None:
+    before = changed(aws_endpoint, "spec.aws.thingPrefix", "")
+    after = changed(aws_endpoint, "spec.aws.thingPrefix", DELETE)
+    assert schema.validate_update(before, after) == []
+
+
+# --- the same verdicts from a real API server ---------------------------------------------------
+
+# Cases about where an object is sent, not what it holds: the server routes them elsewhere (another
+# URL, namespace or kind) instead of validating them against these CRDs.
+ROUTING_CASES = {"wrong apiVersion", "wrong kind", "namespace not a DNS label"}
+SERVER_COUNTER_EXAMPLES = [c for c in COUNTER_EXAMPLES if c[0] not in ROUTING_CASES]
+
+
+def _server_verdict(kube: Kube, obj: dict[str, Any]) -> str | None:
+    """None if the real API server accepts ``obj`` (dry run), else its message. Status is only
+    written through the status subresource, so a status is checked there, on a stored object."""
+    status = obj.pop("status", None)
+    ns = kube.namespace() if status is not None else "default"
+    obj = changed(obj, "metadata.namespace", ns)
+    path = kube.path(obj["kind"], ns)
+    try:
+        if status is None:
+            kube.request("POST", path + "?dryRun=All&fieldValidation=Strict", obj)
+            return None
+        stored = kube.request("POST", path, obj)
+        name = stored["metadata"]["name"]
+        kube.request(
+            "PATCH",
+            kube.path(obj["kind"], ns, name) + "/status?dryRun=All&fieldValidation=Strict",
+            {"status": status},
+            content_type="application/merge-patch+json",
+        )
+        return None
+    except ApiError as e:
+        return e.message
+
+
+@pytest.mark.parametrize(
+    ("case", "base", "field", "value", "expected"),
+    SERVER_COUNTER_EXAMPLES,
+    ids=[c[0] for c in SERVER_COUNTER_EXAMPLES],
+)
+def test_the_api_server_refuses_the_counter_example_naming_the_field(
+    request: pytest.FixtureRequest, kube: Kube, case: str, base: str, field: str, value: object, expected: str
+) -> None:
+    good = request.getfixturevalue(base)
+    bad = changed(good, field, value)
+    message = _server_verdict(kube, bad)
+    assert message is not None, f"{case}: the API server accepted it"
+    assert expected in message, message
+
+
+def test_the_api_server_accepts_what_validate_accepts(
+    kube: Kube, device: dict[str, Any], aws_endpoint: dict[str, Any], group: dict[str, Any]
+) -> None:
+    for label, obj in CUSTOM_EXAMPLES:
+        assert _server_verdict(kube, copy.deepcopy(obj)) is None, label
+    for obj in (device, aws_endpoint, group, changed(device, "spec.ip", "fd00:64::19")):
+        assert _server_verdict(kube, obj) is None, obj
