@@ -23,6 +23,36 @@ async def test_duplicate_ip_is_a_conflict_for_both(site: Site, instance: Standal
     assert len(site.things()) == 2
 
 
+async def test_identities_are_unique_across_namespaces(site: Site, instance: Standalone) -> None:
+    # One standalone proxy serves every namespace of the store: two tenants' Devices may not share
+    # an address (in any spelling) or a SIM.
+    tenant = Site(site.manifests, site.state, site.moto_url, site.prefix, namespace="tenant-b")
+    site.write("endpoint.yaml", [*site.endpoint(), site.group("meters")])
+    site.write("tenant-b.yaml", [*tenant.endpoint(), tenant.group("meters")])
+    mapped = tenant.device(0)
+    mapped["spec"]["ip"] = f"::ffff:{mapped['spec']['ip']}"
+    same_sim = tenant.device(2, ip="10.99.0.2")
+    same_sim["spec"]["sim"] = site.device(1)["spec"]["sim"]
+    site.write("devices.yaml", [site.device(0), site.device(1), site.device(3)])
+    site.write("tenant-b-devices.yaml", [mapped, same_sim, tenant.device(4)])
+    await instance.runner.run_until_settled(limit=30)
+    phases = {str(o.ref): o.status.get("phase") for o in instance.store.list("Device")}
+    assert phases == {
+        "fleet/meter-0000": "Conflict",
+        "fleet/meter-0001": "Conflict",
+        "fleet/meter-0003": "Ready",
+        "tenant-b/meter-0000": "Conflict",
+        "tenant-b/meter-0002": "Conflict",
+        "tenant-b/meter-0004": "Ready",
+    }
+    message = instance.store.get("Device", ObjectRef("fleet", "meter-0000")).status["message"]  # type: ignore[union-attr]
+    assert "is also claimed by tenant-b/meter-0000" in message
+    assert sorted(str(r.device) for r in instance.directory.routes()) == [
+        "fleet/meter-0003",
+        "tenant-b/meter-0004",
+    ]
+
+
 async def test_rotate_annotation_replaces_the_certificate(site: Site, instance: Standalone) -> None:
     site.standard(1)
     await instance.runner.run_until_settled(limit=30)
