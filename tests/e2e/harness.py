@@ -24,8 +24,8 @@ from typing import Any
 import hvac
 
 from cloudconnector.keystore.vault_setup import OPERATOR_POLICY, PROXY_POLICY, AuthRole, AuthSetup, bootstrap
-from tests.helm.chart import Rendered, load, render
-from tests.support.kube import ApiError, Kube
+from tests.helm.chart import CHART_DIR, Rendered, load, render
+from tests.support.kube import ApiError, Kube, install_crds
 from tests.support.procs import Bao, free_port
 
 # Kinds a chart may render whose APIs belong to add-ons this bare API server does not serve.
@@ -34,8 +34,10 @@ CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition
 
 
 def apply_rendered(kube: Kube, rendered: Rendered, namespace: str) -> list[dict[str, Any]]:
-    """Create every rendered object for real; returns the add-on objects left out (their APIs are
-    not served here). Namespaces the objects name are created first."""
+    """Create every rendered object for real, after the chart's crds/ as Helm installs them;
+    returns the add-on objects left out (their APIs are not served here). Namespaces the objects
+    name are created first."""
+    install_crds(kube, CHART_DIR / "crds")
     served = {r["kind"] for g in _api_resources(kube) for r in g}
     wanted_ns = {namespace} | {
         o["metadata"]["namespace"] for o in rendered.objects if o["metadata"].get("namespace")

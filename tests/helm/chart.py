@@ -72,10 +72,11 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         },
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
     },
-    # Bare metal: the fixed device address is routed to the nodes (externalIPs), TLS only, Vault
+    # Bare metal: the fixed device address is routed to the nodes (externalIPs on a NodePort
+    # Service, so externalTrafficPolicy Local keeps device addresses), TLS only, Vault
     # outside the cluster reached with a token, and Secrets readable in any namespace (opt-in).
     "bare-metal": {
-        "service": {"type": "ClusterIP", "externalIPs": ["198.18.8.3"]},
+        "service": {"type": "NodePort", "externalIPs": ["198.18.8.3"]},
         "proxy": {"plainMqtt": False, "replicas": 3, "tls": {"secretName": "mqtt-server-tls"}},
         "operator": {"secretAccess": {"clusterWide": True}},
         "vault": {

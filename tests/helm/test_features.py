@@ -37,7 +37,7 @@ def test_fixed_address_through_the_load_balancer(renderings: dict[str, Rendered]
 def test_fixed_address_on_bare_metal(renderings: dict[str, Rendered]) -> None:
     r = renderings["bare-metal"]
     svc = r.one("Service", PROXY)["spec"]
-    assert svc["type"] == "ClusterIP"
+    assert svc["type"] == "NodePort"
     assert svc["externalIPs"] == ["198.18.8.3"]
     assert svc["externalTrafficPolicy"] == "Local"
     assert [p["port"] for p in svc["ports"]] == [8883]  # plain MQTT switched off

@@ -21,7 +21,7 @@ KEY_PASTED_AS_CA = f"-----BEGIN {_KEY_LABEL}-----\nx\n-----END {_KEY_LABEL}-----
 
 BAD_VALUES: list[tuple[dict[str, Any], str, str]] = [
     ({"podUser": {"runAsUser": 0}}, "/podUser/runAsUser", "minimum"),
-    ({"service": {"type": "NodePort"}}, "/service/type", "LoadBalancer"),
+    ({"service": {"type": "ExternalName"}}, "/service/type", "LoadBalancer"),
     ({"service": {"loadBalancerIP": "198.18.8.300"}}, "/service/loadBalancerIP", "pattern"),
     ({"service": {"externalIPs": ["mqtt.example.net"]}}, "/service/externalIPs/0", "pattern"),
     ({"service": {"externalTrafficPolicy": "local"}}, "/service/externalTrafficPolicy", "Local"),
@@ -65,7 +65,9 @@ def test_schema_rejects_bad_values(
 def test_install_is_refused_with_bad_values(chart: helm_python.Chart) -> None:
     # Rendering for install applies the same schema, so a bad value never reaches the cluster.
     with pytest.raises(helm_python.HelmValuesError, match="/service/type"):
-        chart.render({"service": {"type": "NodePort"}}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        chart.render(
+            {"service": {"type": "ExternalName"}}, name=RELEASE, namespace=NAMESPACE, is_install=True
+        )
 
 
 # Cross-field rules, enforced in the templates with `fail`.

@@ -234,10 +234,13 @@ class Kube:
 
 def install_crds(kube: Kube, crd_dir: Path = CRDS) -> None:
     """Apply the CRDs and wait until each is Established and its schema is in force."""
-    kube.kubectl("apply", "-f", f"{crd_dir}/")  # the trailing slash follows a symlinked folder
+    # The trailing slash follows a symlinked folder.
+    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", f"{crd_dir}/")
     for path in sorted(crd_dir.glob("*.yaml")):
-        name = yaml.safe_load(path.read_text())["metadata"]["name"]
-        kube.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                name = doc["metadata"]["name"]
+                kube.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
     # Established comes before the new schema is used for validation: probe until a known-bad
     # object is refused (the IPv4 leading-zero rule is the newest one).
     probe = {
