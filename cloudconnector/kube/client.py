@@ -2,27 +2,27 @@
 
 kopf watches and patches through its own client; this one serves the reconcilers' immediate status
 checkpoints (``status.progress`` must be stored before the next cloud call, not when the handler
-returns), Secret reads, re-triggering objects, and events. HTTP failures become
-:class:`KubeError` (with the status code) carrying the method and path, never a request body.
+returns), Secret reads, re-triggering objects, events, and the proxy's list-and-watch of the
+directory. It is kept (rather than kubernetes_asyncio's generated API classes) because it speaks
+to custom resources as plain JSON on one shared aiohttp session; how to log in comes from
+:class:`KubeConfig`, which uses kubernetes_asyncio's loader. HTTP failures become
+:class:`KubeError` (with the status code) carrying the method and path, never a request body; a
+401 makes the client log in afresh and retry once (rotated tokens, expired exec credentials).
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import ssl
-import tempfile
 from collections.abc import AsyncIterator, Mapping
-from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from cloudconnector.errors import TransientError, short
-from cloudconnector.kube.config import KubeConfig
+from cloudconnector.errors import ConnectorError, TransientError, short
+from cloudconnector.kube.config import Connection, KubeConfig
 
 MERGE_PATCH = "application/merge-patch+json"
 
@@ -53,9 +53,8 @@ class KubeError(TransientError):
     """An API call failed; ``status`` is the HTTP code (0 for a network failure)."""
 
     def __init__(self, method: str, path: str, status: int, detail: str = "") -> None:
-        super().__init__(
-            f"{method} {path}: HTTP {status} {short(detail, 160)}".rstrip(), reason="KubeApiError"
-        )
+        said = f"HTTP {status} {short(detail, 320)}" if status else short(detail, 320) or "no answer"
+        super().__init__(f"{method} {path}: {said}".rstrip(), reason="KubeApiError")
         self.status = status
 
 
@@ -63,26 +62,7 @@ class KubeClient:
     def __init__(self, config: KubeConfig, *, timeout: float = 30.0) -> None:
         self.config = config
         self._timeout = timeout
-        self._files = ExitStack()
-        self._ssl = self._ssl_context()
         self._session: aiohttp.ClientSession | None = None
-
-    def _ssl_context(self) -> ssl.SSLContext | bool:
-        cfg = self.config
-        if not cfg.server.startswith("https://"):
-            return False
-        if cfg.insecure:
-            return False
-        ctx = ssl.create_default_context(cafile=str(cfg.ca_path) if cfg.ca_path else None, cadata=cfg.ca_data)
-        if cfg.cert_data and cfg.key_data:
-            # ssl wants files for a client pair; they live only as long as this client.
-            tmp = Path(self._files.enter_context(tempfile.TemporaryDirectory(prefix="kube-")))
-            (tmp / "tls.crt").write_text(cfg.cert_data)
-            key = tmp / "tls.key"
-            key.touch(mode=0o600)
-            key.write_text(cfg.key_data)
-            ctx.load_cert_chain(tmp / "tls.crt", key)
-        return ctx
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -92,16 +72,24 @@ class KubeClient:
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
-        self._files.close()
 
-    def _headers(self, content_type: str | None = None) -> dict[str, str]:
+    async def _connect(self, method: str, path: str, *, fresh: bool = False) -> Connection:
+        try:
+            return await self.config.connection(fresh=fresh)
+        except ConnectorError as e:  # no credentials to be had: say why, as any other API failure
+            raise KubeError(method, path, 0, str(e)) from None
+
+    @staticmethod
+    def _options(conn: Connection, content_type: str | None = None) -> dict[str, Any]:
         headers = {"Accept": "application/json"}
-        token = self.config.bearer()
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
+        if conn.authorization:
+            headers["Authorization"] = conn.authorization
         if content_type:
             headers["Content-Type"] = content_type
-        return headers
+        options: dict[str, Any] = {"headers": headers, "ssl": conn.ssl}
+        if conn.tls_server_name:
+            options["server_hostname"] = conn.tls_server_name
+        return options
 
     async def request(
         self,
@@ -112,23 +100,23 @@ class KubeClient:
         content_type: str = "application/json",
         params: Mapping[str, str] | None = None,
     ) -> Any:
-        url = self.config.server + path
         data = json.dumps(body) if body is not None else None
-        try:
-            async with self._http().request(
-                method,
-                url,
-                data=data,
-                params=params,
-                headers=self._headers(content_type if data is not None else None),
-                ssl=self._ssl,
-            ) as resp:
-                text = await resp.text()
-                if resp.status >= 400:
-                    raise KubeError(method, path, resp.status, _reason(text))
-                return json.loads(text) if text else None
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise KubeError(method, path, 0, type(e).__name__) from e
+        for attempt in (1, 2):
+            conn = await self._connect(method, path, fresh=attempt == 2)
+            options = self._options(conn, content_type if data is not None else None)
+            try:
+                async with self._http().request(
+                    method, conn.server + path, data=data, params=params, **options
+                ) as resp:
+                    text = await resp.text()
+                    if resp.status == 401 and attempt == 1:
+                        continue  # log in afresh: the token rotated or expired
+                    if resp.status >= 400:
+                        raise KubeError(method, path, resp.status, _reason(resp.status, text))
+                    return json.loads(text) if text else None
+            except (aiohttp.ClientError, TimeoutError) as e:
+                raise KubeError(method, path, 0, type(e).__name__) from e
+        raise AssertionError("unreachable")
 
     async def get(self, res: Resource, namespace: str | None, name: str) -> dict[str, Any] | None:
         try:
@@ -167,19 +155,22 @@ class KubeClient:
         params = {"watch": "true"}
         if resource_version:
             params["resourceVersion"] = resource_version
-        url = self.config.server + res.path(namespace)
+        path = res.path(namespace)
+        conn = await self._connect("WATCH", path)
         timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
         try:
             async with self._http().get(
-                url, params=params, headers=self._headers(), ssl=self._ssl, timeout=timeout
+                conn.server + path, params=params, timeout=timeout, **self._options(conn)
             ) as resp:
+                if resp.status == 401:
+                    await self._connect("WATCH", path, fresh=True)  # the caller's next watch logs in afresh
                 if resp.status >= 400:
-                    raise KubeError("WATCH", res.path(namespace), resp.status, _reason(await resp.text()))
+                    raise KubeError("WATCH", path, resp.status, _reason(resp.status, await resp.text()))
                 async for line in resp.content:
                     if line.strip():
                         yield json.loads(line)
         except (aiohttp.ClientError, TimeoutError) as e:
-            raise KubeError("WATCH", res.path(namespace), 0, type(e).__name__) from e
+            raise KubeError("WATCH", path, 0, type(e).__name__) from e
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
         """The Secret's data, decoded; None if it does not exist. Never logged."""
@@ -220,11 +211,16 @@ class KubeClient:
         await self.create(EVENTS, namespace, body)
 
 
-def _reason(text: str) -> str:
+def _reason(status: int, text: str) -> str:
+    """The Status object's reason; for 401/403 also its message, which names the user and the
+    permission it lacks (never a credential), so that the log says what to grant."""
     try:
         doc = json.loads(text)
     except ValueError:
         return short(text, 160)
-    if isinstance(doc, dict):
-        return str(doc.get("reason") or doc.get("message") or "")
-    return ""
+    if not isinstance(doc, dict):
+        return ""
+    reason, message = str(doc.get("reason") or ""), str(doc.get("message") or "")
+    if status in (401, 403) and message:
+        return short(f"{reason}: {message}" if reason else message, 300)
+    return reason or message

@@ -19,6 +19,7 @@ import kopf
 
 from cloudconnector import api
 from cloudconnector.kube import KubeClient, KubeConfig
+from cloudconnector.kube.config import kopf_connection_info
 from cloudconnector.operator import handlers, indexes
 from cloudconnector.operator.config import OperatorConfig
 from cloudconnector.operator.runtime import Runtime, SecretAccess, build_pool
@@ -29,19 +30,9 @@ __all__ = ["handlers", "indexes", "main"]
 
 
 @kopf.on.login()
-def login(**_: Any) -> kopf.ConnectionInfo:
-    cfg = KubeConfig.from_env()
-    return kopf.ConnectionInfo(
-        server=cfg.server,
-        token=cfg.bearer(),
-        ca_path=str(cfg.ca_path) if cfg.ca_path else None,
-        ca_data=cfg.ca_data,
-        certificate_data=cfg.cert_data,
-        private_key_data=cfg.key_data,
-        insecure=cfg.insecure or None,
-        scheme="Bearer" if cfg.bearer() else None,
-        default_namespace=cfg.default_namespace,
-    )
+async def login(**_: Any) -> kopf.ConnectionInfo:
+    # kubeconfig (exec plugins, token files), in-cluster account or CLOUDCONNECTOR_K8S_SERVER.
+    return await kopf_connection_info(KubeConfig.from_env())
 
 
 @kopf.on.startup()
