@@ -527,3 +527,31 @@ def test_the_api_server_accepts_what_validate_accepts(
         assert _server_verdict(kube, copy.deepcopy(obj)) is None, label
     for obj in (device, aws_endpoint, group, changed(device, "spec.ip", "fd00:64::19")):
         assert _server_verdict(kube, obj) is None, obj
+
+
+@pytest.mark.parametrize(
+    ("base", "field", "new"),
+    [
+        ("aws_endpoint", "spec.aws.region", "us-east-1"),
+        ("aws_endpoint", "spec.type", "MqttBroker"),
+        ("azure_endpoint", "spec.azure.hostName", "other-hub.azure-devices.net"),
+    ],
+)
+def test_the_api_server_keeps_immutable_fields(
+    request: pytest.FixtureRequest, kube: Kube, base: str, field: str, new: str
+) -> None:
+    obj = changed(request.getfixturevalue(base), "metadata.namespace", kube.namespace())
+    ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+    kube.create(obj)
+    *parents, last = field.split(".")
+    patch: dict[str, Any] = {last: new}
+    for part in reversed(parents):
+        patch = {part: patch}
+    if field == "spec.type":  # the section must follow the type, or the section rule answers first
+        patch["spec"].update({"aws": None, "mqtt": {"host": "broker.example.com"}})
+    with pytest.raises(ApiError) as refused:
+        kube.merge_patch("Endpoint", ns, name, patch)
+    assert refused.value.status == 422
+    assert field in refused.value.message and "immutable" in refused.value.message
+    # The same update that leaves the field alone is accepted.
+    kube.merge_patch("Endpoint", ns, name, {"spec": {"rateLimit": {"devicesPerSecond": 5}}})
