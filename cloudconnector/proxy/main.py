@@ -66,7 +66,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ProxyConfig, argparse.Namesp
     p.add_argument("--trusted-proxies", help="CIDRs that must send a PROXY protocol header")
     p.add_argument("--identity", help="comma list of ip, client_id, username (tried in order)")
     p.add_argument("--http-port", type=int, help="health and metrics port (0 = off)")
-    p.add_argument("--namespace", help="watch one namespace (default: all)")
+    p.add_argument("--namespace", help="namespaces to serve, comma-separated, globs allowed (default: all)")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     # Arguments override the environment: both end up as CC_PROXY_* settings.

@@ -9,7 +9,9 @@ route it to whichever it saw last, and still serves a Device whose identity is i
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import socket
 from collections.abc import Iterator
@@ -17,8 +19,13 @@ from typing import Any
 
 import pytest
 
+from cloudconnector.identity import Scope
+from cloudconnector.kube.client import KubeClient
+from cloudconnector.kube.config import KubeConfig
 from cloudconnector.mqtt import codec
 from cloudconnector.mqtt.packets import Connect
+from cloudconnector.proxy.kube_directory import KubeDirectory
+from cloudconnector.routes import Route
 from tests.e2e.harness import Install, Process, install, wait_until
 from tests.support.kube import Kube
 from tests.support.procs import Bao, Moto, free_port
@@ -270,3 +277,30 @@ def test_proxy_refuses_an_identity_two_ready_devices_claim(chart: Install, kube:
         assert any(f"{c.ns}/sim" in ln and f"{d.ns}/sim" in ln for ln in warned), warned
     finally:
         proxy.stop()
+
+    # A proxy told to serve only tenant C (as the chart does for an operator limited to it) sees
+    # one claimant, through the chart's ClusterRole and its own filter.
+    kubeconfig = kube.kubeconfig_for_token(chart.token("proxy"), chart.workdir / "proxy-scope.kubeconfig")
+    routes = asyncio.run(_routes_in_scope(KubeConfig.from_kubeconfig(kubeconfig), Scope.parse(f"{c.ns},x-*")))
+    assert sorted(str(r.device) for r in routes) == [f"{c.ns}/alone", f"{c.ns}/sim", f"{c.ns}/twin"]
+
+
+async def _routes_in_scope(config: KubeConfig, scope: Scope) -> list[Route]:
+    client = KubeClient(config)
+    changed = asyncio.Event()
+    directory = KubeDirectory(client, scope, retry_seconds=0.2, on_change=changed.set)
+    task = asyncio.create_task(directory.run())
+    try:
+        async with asyncio.timeout(30):
+            while not directory.ready:
+                await changed.wait()
+                changed.clear()
+        assert (
+            directory.by_ip("127.0.92.1") is not None and directory.by_iccid("893530200000000003") is not None
+        )
+        return directory.routes()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await client.aclose()

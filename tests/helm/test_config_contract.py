@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from cloudconnector.identity import Scope
 from cloudconnector.keystore.vault_config import AuthMethod, VaultConfig
 from cloudconnector.operator.config import OperatorConfig
 from cloudconnector.proxy import config as proxy_config
@@ -124,8 +125,12 @@ def test_proxy_watches_what_its_rbac_allows(
     _, args = proxy_main.parse_args(container.get("args", []))
     roles = [r for r in rendered.of_kind("Role") if r["metadata"]["name"] == PROXY]
     cluster_roles = [r for r in rendered.of_kind("ClusterRole") if r["metadata"]["name"] == PROXY]
-    if args.namespace is None:
+    # It serves exactly the operator's namespaces: that is where identities are unique.
+    scope = Scope.parse(args.namespace)
+    if any(d["metadata"]["name"] == OPERATOR for d in rendered.of_kind("Deployment")):
+        assert scope == Scope.parse(OperatorConfig.from_env(_env(rendered, OPERATOR)).namespaces)
+    if scope.single_namespace is None:
         assert len(cluster_roles) == 1 and roles == []
     else:
-        assert cluster_roles == [] and [r["metadata"]["namespace"] for r in roles] == [args.namespace]
+        assert cluster_roles == [] and [r["metadata"]["namespace"] for r in roles] == [scope.single_namespace]
     assert args.log_level == "info"
