@@ -121,6 +121,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg, args = parse_args(argv)
     except ValueError as e:
         sys.exit(f"cloud-connector-proxy: {e}")
+    from cloudconnector.proxy.openssl_private import self_check
+
+    missing = self_check()  # pyOpenSSL internals the upstream TLS relies on
+    if missing is not None:
+        sys.exit(f"cloud-connector-proxy: {missing}")
     configure_logging(cfg.log_json, args.log_level)
     try:
         import uvloop

@@ -17,6 +17,7 @@ from typing import Any
 from cloudconnector.errors import short
 from cloudconnector.mqtt.codec import FrameScanner, MalformedPacket
 from cloudconnector.proxy.metrics import DOWN, UP, Metrics
+from cloudconnector.proxy.openssl_private import stream_buffer
 
 WRITE_HIGH_WATER = 64 * 1024  # asyncio's own default high-water mark
 FLUSH_EVERY = 1.0  # seconds between counter updates: a locked increment per chunk is measurable
@@ -101,7 +102,7 @@ class Pipe(asyncio.Protocol):
 
 def take_buffered(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
     """What the stream reader holds but nobody read yet (sent right behind CONNECT), and its EOF."""
-    buffer: bytearray = reader._buffer  # no public way to drain it without awaiting
+    buffer = stream_buffer(reader)  # no public way to drain it without awaiting
     data = bytes(buffer)
     buffer.clear()
     return data, reader.at_eof() or reader.exception() is not None

@@ -23,10 +23,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import SSL, crypto
-from OpenSSL._util import ffi as _ffi
-from OpenSSL._util import lib as _lib
 
 from cloudconnector.keystore.base import KeyMaterial
+from cloudconnector.proxy import openssl_private as private
 from cloudconnector.proxy.credentials import UPSTREAM_CIPHERS, CredentialsUnusable
 from cloudconnector.proxy.resolver import Resolver, literal_ip
 from cloudconnector.routes import Route
@@ -42,7 +41,6 @@ RECORD = 16 * 1024  # one SSL_read never returns more than one record's plaintex
 FLUSH = 64 * 1024
 CONTEXTS_KEPT = 64  # trust bundles are per Endpoint: a handful in practice
 _REJECTED = "device certificate/key rejected"
-_NO_PARTIAL_WILDCARDS = 0x4  # X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS, as Python's ssl sets it
 
 
 class UpstreamTLSError(ConnectionError):
@@ -89,11 +87,8 @@ class ContextCache:
         ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
         ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)  # idle connections hold no record buffers
         ctx.set_verify(SSL.VERIFY_PEER)
-        if _lib.SSL_CTX_set1_curves_list(ctx._context, GROUPS) != 1:  # pyOpenSSL has no setter
-            _lib.ERR_clear_error()  # the refusal must not surface in a later, unrelated call
-            if _lib.SSL_CTX_set1_curves_list(ctx._context, CLASSIC_GROUPS) != 1:
-                _lib.ERR_clear_error()
-                raise ValueError("OpenSSL accepts none of the key exchange groups")
+        if not private.set_groups(ctx, GROUPS) and not private.set_groups(ctx, CLASSIC_GROUPS):
+            raise ValueError("OpenSSL accepts none of the key exchange groups")
         if ca_pem:
             store = ctx.get_cert_store()
             assert store is not None
@@ -146,16 +141,14 @@ def device_connection(contexts: ContextCache, route: Route, material: KeyMateria
 
 def _expect_peer(conn: SSL.Connection, host: str) -> None:
     """Verify the server's name during the handshake (before the device's certificate is sent)."""
-    param = _lib.SSL_get0_param(conn._ssl)  # pyOpenSSL has no public setter for this
     ip = literal_ip(host)
     if ip is not None:
-        ok = _lib.X509_VERIFY_PARAM_set1_ip(param, ip.packed, len(ip.packed))
+        ok = private.expect_peer_ip(conn, ip.packed)
     else:
-        _lib.X509_VERIFY_PARAM_set_hostflags(param, _NO_PARTIAL_WILDCARDS)
         name = host.encode("idna")
-        ok = _lib.X509_VERIFY_PARAM_set1_host(param, name, len(name))
+        ok = private.expect_peer_name(conn, name)
         conn.set_tlsext_host_name(name)  # SNI is for names only, never an address
-    if ok != 1:
+    if not ok:
         raise ValueError(f"cannot verify the endpoint as {host!r}")
 
 
@@ -165,13 +158,11 @@ def _has_more(conn: SSL.Connection) -> bool:
     Asking avoids an exception per read (about 1 µs each, measured) on the hot path; without
     pyOpenSSL's memory-BIO attribute it answers "maybe" and the exception ends the loop.
     """
-    into = getattr(conn, "_into_ssl", None)
-    return into is None or conn.pending() > 0 or _lib.BIO_get_mem_data(into, _ffi.NULL) > 0
+    return private.has_more(conn)
 
 
 def _has_output(conn: SSL.Connection) -> bool:
-    out = getattr(conn, "_from_ssl", None)
-    return out is None or _lib.BIO_get_mem_data(out, _ffi.NULL) > 0
+    return private.has_output(conn)
 
 
 _spent: SSL.Context | None = None
