@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cloudconnector import api
@@ -97,16 +97,28 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"run: {e}", file=sys.stderr)
         return 2
-    return asyncio.run(
-        run_command(
-            Path(args.filename),
-            _state_dir(args.state),
-            once=args.once,
-            interval=args.interval,
-            proxy=proxy,
-            limit=args.timeout,
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(
+            run_command(
+                Path(args.filename),
+                _state_dir(args.state),
+                once=args.once,
+                interval=args.interval,
+                proxy=proxy,
+                limit=args.timeout,
+            )
         )
-    )
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where it is installed (as ``cloud-connector-proxy`` runs): the relay's per-message
+    cost is mostly the event loop's; stock asyncio elsewhere."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def _demo(args: argparse.Namespace) -> int:
