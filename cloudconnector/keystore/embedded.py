@@ -8,6 +8,10 @@ key also to its certificate), so swapped or edited rows fail to decrypt rather t
 device another's key. Deleting a device deletes its wrapped data key; ``secure_delete`` makes
 SQLite overwrite the freed bytes.
 
+Connections are kept, one per thread (opening one costs far more than a fetch). The proxy's fetch
+first tries on its own thread with no wait for locks, a point read of a few pages; only when a
+writer holds the file does it go to a worker thread that waits for the lock.
+
 Roles are split as with Vault: :class:`EmbeddedKeyStore` is the writer (put, describe, delete)
 and has no ``get``; :meth:`EmbeddedKeyStore.reader` hands the in-process proxy a
 :class:`EmbeddedKeyReader`. In one process this is an API boundary, not a security one: what it
@@ -23,6 +27,7 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -68,6 +73,9 @@ class _Database:
     def __init__(self, path: Path, master_key: bytes) -> None:
         self.path = path
         self._master = master_key
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open_connections: list[sqlite3.Connection] = []
         if not path.exists():
             # Create it private before SQLite does; SQLite's own files inherit these permissions.
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
@@ -75,24 +83,58 @@ class _Database:
             db.executescript(_SCHEMA)
             self._check_master_key(db)
 
-    @contextlib.contextmanager
-    def connect(self) -> Iterator[sqlite3.Connection]:
+    def _open(self, timeout: float) -> sqlite3.Connection:
         try:
-            db = sqlite3.connect(self.path, timeout=10)
+            # Each connection stays on the thread that opened it; close() may come from another.
+            db = sqlite3.connect(self.path, timeout=timeout, check_same_thread=False)
+            db.execute("PRAGMA secure_delete = ON")  # deleted rows are overwritten, not just unlinked
         except sqlite3.Error as e:
             raise PermanentError(
                 f"cannot open the key store {self.path}: {short(e)}", reason="KeyStore"
             ) from e
+        with self._lock:
+            self._open_connections.append(db)
+        return db
+
+    def _connection(self, slot: str, timeout: float) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, slot, None)
+        if db is None:
+            db = self._open(timeout)
+            setattr(self._local, slot, db)
+        return db
+
+    def _forget(self, slot: str) -> None:
+        """Drop this thread's connection after an error: the next use opens a fresh one."""
+        db = getattr(self._local, slot, None)
+        setattr(self._local, slot, None)
+        if db is not None:
+            with self._lock, contextlib.suppress(ValueError):
+                self._open_connections.remove(db)
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+
+    @contextlib.contextmanager
+    def connect(self, slot: str = "db", timeout: float = 10.0) -> Iterator[sqlite3.Connection]:
+        """This thread's connection, in one transaction: commit on success, roll back on error."""
+        db = self._connection(slot, timeout)
         try:
-            db.execute("PRAGMA secure_delete = ON")  # deleted rows are overwritten, not just unlinked
-            with db:  # one transaction: commit on success, roll back on error
+            with db:
                 yield db
         except sqlite3.OperationalError as e:
+            if getattr(e, "sqlite_errorcode", None) not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                self._forget(slot)  # a lock is worth waiting for; anything else, a fresh connection
             raise TransientError(f"key store {self.path} busy: {short(e)}", reason="KeyStoreBusy") from e
         except sqlite3.Error as e:
+            self._forget(slot)
             raise PermanentError(f"key store {self.path} failed: {short(e)}", reason="KeyStore") from e
-        finally:
-            db.close()
+
+    def close(self) -> None:
+        with self._lock:
+            found, self._open_connections = self._open_connections, []
+        for db in found:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+        self._local = threading.local()
 
     def _check_master_key(self, db: sqlite3.Connection) -> None:
         row = db.execute("SELECT value FROM meta WHERE name = 'check'").fetchone()
@@ -117,6 +159,15 @@ class _Database:
 
         return await asyncio.to_thread(job)
 
+    async def read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """A read on the caller's thread when no writer holds the file (its connection waits for
+        no lock), else in a worker thread that waits as writes do."""
+        try:
+            with self.connect("now", timeout=0) as db:
+                return work(db)
+        except TransientError:  # locked by a writer right now
+            return await self.run(work)
+
     def location(self, device: ObjectRef) -> str:
         return f"embedded:{device.namespace}/{device.name}"
 
@@ -139,6 +190,10 @@ class EmbeddedKeyStore:
 
     def reader(self) -> EmbeddedKeyReader:
         return EmbeddedKeyReader(self._db)
+
+    def close(self) -> None:
+        """Close the kept connections (the reader's too); the next use opens new ones."""
+        self._db.close()
 
     async def put(self, device: ObjectRef, material: KeyMaterial, metadata: Mapping[str, str]) -> StoredInfo:
         data_key = new_key()
@@ -209,15 +264,23 @@ class EmbeddedKeyReader:
     def __repr__(self) -> str:
         return f"<EmbeddedKeyReader {self._db.path}>"
 
-    async def get(self, device: ObjectRef) -> KeyMaterial:
+    async def get(self, device: ObjectRef, location: str | None = None) -> KeyMaterial:
+        if location is not None and location != self._db.location(device):
+            raise PermanentError(
+                f"the key location of {device} is not this store's slot of that device",
+                reason="KeyLocationInvalid",
+            )
+
         def read(db: sqlite3.Connection) -> Any:
-            return db.execute(
+            # fetchall: the statement runs to its end, so the read lock is released right here.
+            rows = db.execute(
                 "SELECT certificate, ca, username, data_key, private_key, password FROM credentials "
                 "WHERE namespace = ? AND name = ?",
                 (device.namespace, device.name),
-            ).fetchone()
+            ).fetchall()
+            return rows[0] if rows else None
 
-        row = await self._db.run(read)
+        row = await self._db.read(read)
         if row is None:
             raise KeyError(str(device))
         certificate, ca, username, wrapped, sealed_key, sealed_password = row

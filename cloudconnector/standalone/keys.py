@@ -47,4 +47,4 @@ def open_key_stores(state_dir: Path, env: Mapping[str, str] | None = None) -> Ke
 
     state_dir.mkdir(parents=True, exist_ok=True)
     store = EmbeddedKeyStore.open(state_dir / "keys.db", state_dir / "master.key", env)
-    return KeyStores(store, store.reader(), "embedded")
+    return KeyStores(store, store.reader(), "embedded", store)

@@ -193,3 +193,52 @@ async def test_concurrent_writers_and_readers(store: EmbeddedKeyStore, material:
     assert all(m == material for m in await asyncio.gather(*(reader.get(d) for d in devices)))
     infos = await asyncio.gather(*(store.describe(d) for d in devices))
     assert [i.metadata["n"] for i in infos if i] == [d.name for d in devices]
+
+
+def db_fds(directory: Path) -> set[int]:
+    """This process's descriptors open on the key store file: one per kept connection."""
+    target = str(directory / "keys.db")
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == target:
+                found.add(int(fd))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+async def test_connections_are_kept_not_opened_per_fetch(
+    tmp_path: Path, store: EmbeddedKeyStore, material: KeyMaterial
+) -> None:
+    devices = [ObjectRef("kept", f"dev-{i}") for i in range(20)]
+    await asyncio.gather(*(store.put(d, material, {}) for d in devices))
+    reader = store.reader()
+    await asyncio.gather(*(reader.get(d) for d in devices))
+    open_after_warm_up = db_fds(tmp_path)
+    assert open_after_warm_up  # kept open between operations
+    for _ in range(5):
+        got = await asyncio.gather(*(reader.get(d) for d in devices))
+        assert all(m == material for m in got)
+    await asyncio.gather(*(store.describe(d) for d in devices))
+    assert db_fds(tmp_path) == open_after_warm_up  # 100 fetches later: the same connections
+    store.close()
+    assert db_fds(tmp_path) == set()
+    assert await reader.get(devices[0]) == material  # and usable again after close()
+
+
+async def test_fetch_waits_out_a_writer_holding_the_file(
+    tmp_path: Path, store: EmbeddedKeyStore, material: KeyMaterial
+) -> None:
+    await store.put(ONE, material, {})
+    other = sqlite3.connect(tmp_path / "keys.db", isolation_level=None)
+    try:
+        other.execute("BEGIN EXCLUSIVE")  # as a writer mid-commit: no reader may look now
+        fetch = asyncio.create_task(store.reader().get(ONE))
+        await asyncio.sleep(0.3)
+        assert not fetch.done()  # waiting for the lock (in a worker thread), not failed
+        other.execute("ROLLBACK")
+        assert await asyncio.wait_for(fetch, 10) == material
+    finally:
+        other.close()
