@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,13 +35,17 @@ from cloudconnector.errors import (
 from cloudconnector.keystore.base import KeyWriter
 from cloudconnector.model import Device, Endpoint, ObjectRef, parse_device, parse_endpoint, parse_group
 from cloudconnector.routes import Route, build_route
-from cloudconnector.standalone.manifests import Manifest, ManifestError, Snapshot, load_dir, manifest_files
+from cloudconnector.standalone.manifests import Manifest, ManifestError, Snapshot, load_dir
+from cloudconnector.standalone.slices import Slicer
 from cloudconnector.standalone.store import StateStore, StoredObject
+from cloudconnector.standalone.watch import DirWatch, signature
 
 logger = logging.getLogger(__name__)
 
 CREDENTIALS_RETRY = 60.0
-IDLE_RECHECK = 60.0  # re-check Endpoints and retry failures this often even if DIR is unchanged
+# With DIR unchanged, a pass over the last snapshot this often: Endpoint checks, certificate
+# renewals, failures to retry. DIR is not read for it: file events say when that is needed.
+IDLE_RECHECK = 60.0
 
 RoutesSink = Callable[[list[Route]], None]
 DeviceSink = Callable[[ObjectRef, Mapping[str, Any]], None]
@@ -107,6 +111,12 @@ class Runner:
         self._pool = pool
         self._devices = DeviceReconciler(pool, keys, self._lookup_endpoint, secrets)
         self._semaphore = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
+        # Passes share the loop with the proxy: they run in slices, and what needs no loop runs
+        # in a worker thread (the store is shared with threads).
+        self._slicer = Slicer()
+        self._applied: dict[tuple[str, str, str], tuple[str, Mapping[str, Any]]] = {}
+        self._published: list[Route] | None = None
         self._on_routes = on_routes
         self._on_device = on_device
         self._not_before: dict[str, float] = {}  # device key -> monotonic time of next retry
@@ -153,12 +163,16 @@ class Runner:
         self.secrets.update(snap.secrets)
         wanted = {m.key for m in snap.manifests}
         for manifest in snap.manifests:
+            await self._slicer.pause()
+            if self._applied.get(manifest.key) == (manifest.source, manifest.body):
+                continue  # stored exactly so already: nothing to check or write
             if refused := self._immutable_changes(manifest):
                 # As the API server would: the stored object stays as it was.
                 result.errors.append(refused)
                 logger.error("%s", refused)
                 continue
             self.store.apply(manifest.kind, manifest.body, manifest.source)
+            self._applied[manifest.key] = (manifest.source, manifest.body)
 
         def removed(obj: StoredObject) -> bool:
             return (
@@ -169,10 +183,11 @@ class Runner:
 
         await self._endpoints(removed)
         await self._devices_pass(removed, result)
-        self._groups(removed)
-        self._endpoint_usage(removed)
-        self._forget_endpoints(removed)
-        self.publish_routes()
+        # Store reads and pure functions over every Device: a worker thread, not the relay's.
+        await asyncio.to_thread(self._groups, removed)
+        await asyncio.to_thread(self._endpoint_usage, removed)
+        await asyncio.to_thread(self._forget_endpoints, removed)
+        await self._publish()
         return result
 
     async def _endpoints(self, removed: Callable[[StoredObject], bool]) -> None:
@@ -181,7 +196,8 @@ class Runner:
             if removed(obj):
                 continue
             endpoint = parse_endpoint(obj.body)
-            status = await check_endpoint(endpoint, self._pool, obj.status, self._usage(endpoint))
+            usage = await asyncio.to_thread(self._usage, endpoint)
+            status = await check_endpoint(endpoint, self._pool, obj.status, usage)
             if status != obj.status:
                 self.store.set_status(api.KIND_ENDPOINT, obj.ref, status)
 
@@ -210,17 +226,11 @@ class Runner:
         return Usage(len(users), sum(1 for d in users if d.status.get("phase") == "Ready"))
 
     async def _devices_pass(self, removed: Callable[[StoredObject], bool], result: PassResult) -> None:
-        objects = self.store.list(api.KIND_DEVICE)
-        live = [o for o in objects if not removed(o)]
-        # One proxy serves every namespace of the store: identities are unique across all of them.
-        parsed: list[Peer] = []
-        for obj in live:
-            with contextlib.suppress(InvalidSpec):  # reported by _reconcile_device
-                parsed.append(Peer.of(parse_device(obj.body)))  # the prefix does not matter here
-        peers = PeerIndex(parsed)
+        objects, peers = await asyncio.to_thread(self._peers, removed)
         now = time.monotonic()
-        tasks = []
+        tasks: list[Coroutine[Any, Any, None]] = []
         for obj in objects:
+            await self._slicer.pause()
             key = str(obj.ref)
             if self._not_before.get(key, 0.0) > now:
                 result.want_retry(self._not_before[key] - now)
@@ -232,7 +242,34 @@ class Runner:
                 result.failed[key] = str(obj.status.get("message") or "failed")
             else:
                 tasks.append(self._reconcile_device(obj, peers, result))
-        await asyncio.gather(*tasks)
+        await self._run_sliced(tasks)
+
+    async def _run_sliced(self, work: list[Coroutine[Any, Any, None]]) -> None:
+        """Run ``work``, at most ``concurrency`` at once, each started in a slice of the loop (not
+        thousands of tasks started in one turn of the loop, as gathering them all would)."""
+        pending = iter(work)
+
+        async def worker() -> None:
+            for job in pending:
+                await self._slicer.pause()
+                await job
+
+        try:
+            await asyncio.gather(*(worker() for _ in range(min(self._concurrency, len(work)))))
+        finally:
+            for job in pending:  # only after a bug raised out of a worker
+                job.close()
+
+    def _peers(self, removed: Callable[[StoredObject], bool]) -> tuple[list[StoredObject], PeerIndex]:
+        """Every Device and the identity index of the live ones (in a worker thread)."""
+        objects = self.store.list(api.KIND_DEVICE)
+        live = [o for o in objects if not removed(o)]
+        # One proxy serves every namespace of the store: identities are unique across all of them.
+        parsed: list[Peer] = []
+        for obj in live:
+            with contextlib.suppress(InvalidSpec):  # reported by _reconcile_device
+                parsed.append(Peer.of(parse_device(obj.body)))  # the prefix does not matter here
+        return objects, PeerIndex(parsed)
 
     async def _reconcile_device(self, obj: StoredObject, peers: PeerIndex, result: PassResult) -> None:
         namespace = obj.ref.namespace
@@ -275,7 +312,7 @@ class Runner:
             )
         except InvalidSpec:
             # Never parsed, so never provisioned: nothing at the cloud, nothing stored.
-            self.store.delete(api.KIND_DEVICE, obj.ref)
+            self._delete(api.KIND_DEVICE, obj.ref)
             return
         async with self._semaphore:
             done = await self._guard(
@@ -284,7 +321,7 @@ class Runner:
                 self._devices.finalize(device, obj.status, self._save(api.KIND_DEVICE, device.ref)),
             )
         if done:
-            self.store.delete(api.KIND_DEVICE, device.ref)
+            self._delete(api.KIND_DEVICE, device.ref)
             logger.info("Device %s removed", device.ref)
 
     async def _guard(self, device: Device, result: PassResult, work: Any) -> bool:
@@ -315,7 +352,7 @@ class Runner:
         devices = self.store.list(api.KIND_DEVICE)
         for obj in self.store.list(api.KIND_GROUP):
             if removed(obj):
-                self.store.delete(api.KIND_GROUP, obj.ref)
+                self._delete(api.KIND_GROUP, obj.ref)
                 continue
             group = parse_group(obj.body)
             members = [
@@ -344,7 +381,11 @@ class Runner:
                 and (has_identity(d.status) or d.status.get("progress"))
             ]
             if not holders:
-                self.store.delete(api.KIND_ENDPOINT, obj.ref)
+                self._delete(api.KIND_ENDPOINT, obj.ref)
+
+    def _delete(self, kind: str, ref: ObjectRef) -> None:
+        self.store.delete(kind, ref)
+        self._applied.pop((kind, ref.namespace, ref.name), None)
 
     def routes(self) -> list[Route]:
         groups = {(g.ref.namespace, g.ref.name): g.body for g in self.store.list(api.KIND_GROUP)}
@@ -364,14 +405,29 @@ class Runner:
 
     def publish_routes(self) -> None:
         if self._on_routes is not None:
-            self._on_routes(self.routes())
+            self._published = self.routes()
+            self._on_routes(self._published)
+
+    async def _publish(self) -> None:
+        """Hand the routes to the proxy when they changed; built and compared in a worker thread."""
+        if self._on_routes is None:
+            return
+
+        def changed() -> list[Route] | None:
+            routes = self.routes()
+            return None if routes == self._published else routes
+
+        routes = await asyncio.to_thread(changed)
+        if routes is not None:
+            self._published = routes
+            self._on_routes(routes)
 
     # -- loops -----------------------------------------------------------------------------
 
     async def run_until_settled(self, limit: float = 300.0) -> PassResult:
         """``run --once``: passes until nothing waits for a retry (or ``limit`` seconds pass)."""
         deadline = time.monotonic() + limit
-        snap = self.read()
+        snap = await asyncio.to_thread(self.read)
         while True:
             result = await self.reconcile(snap)
             if result.retry_in is None or time.monotonic() + result.retry_in > deadline:
@@ -379,37 +435,43 @@ class Runner:
             await asyncio.sleep(result.retry_in)
 
     async def watch(self, interval: float = 1.0) -> None:
-        """``run --watch``: reconcile on every change of DIR and whenever a retry is due."""
-        last: tuple[tuple[str, float, int], ...] | None = None
-        due = 0.0
-        while True:
-            signature = _signature(self.directory)
-            if signature != last or time.monotonic() >= due:
-                last = signature
-                due = time.monotonic() + IDLE_RECHECK
-                try:
-                    result = await self.reconcile()
-                except ConnectorError as e:  # e.g. DIR vanished: say so, keep what exists, retry
-                    logger.error("%s", e)
-                    continue
-                except Exception:  # a bug must not take the proxy down with it
-                    logger.exception("reconcile pass failed")
-                    continue
-                if result.retry_in is not None:
-                    due = time.monotonic() + result.retry_in
-            await asyncio.sleep(interval)
+        """``run --watch``: reconcile when DIR changed and whenever a retry or re-check is due.
+
+        File events (or, without inotify, a stat poll every ``interval`` s) wake it; a signature
+        of DIR (names, inodes, sizes, mtimes) decides whether to read it again, which happens in
+        a worker thread. Passes between changes work from the last snapshot, never re-read DIR.
+        """
+        files = DirWatch(self.directory, poll=interval)
+        seen: object = None
+        snap: Snapshot | None = None
+        due = 0.0  # when the next pass is due with DIR unchanged
+        try:
+            while True:
+                files.arm()  # before reading, so that no change made after it goes unseen
+                now_seen = await asyncio.to_thread(signature, self.directory)
+                if now_seen != seen:
+                    try:
+                        snap = await asyncio.to_thread(self.read)
+                    except ConnectorError as e:  # e.g. DIR vanished: say so, keep what exists
+                        logger.error("%s", e)
+                        snap = None
+                    seen = now_seen
+                    due = 0.0
+                if snap is not None and time.monotonic() >= due:
+                    due = time.monotonic() + IDLE_RECHECK
+                    try:
+                        result = await self.reconcile(snap)
+                    except ConnectorError as e:
+                        logger.error("%s", e)
+                    except Exception:  # a bug must not take the proxy down with it
+                        logger.exception("reconcile pass failed")
+                    else:
+                        if result.retry_in is not None:
+                            due = time.monotonic() + min(result.retry_in, IDLE_RECHECK)
+                await files.wait(due - time.monotonic() if snap is not None else IDLE_RECHECK)
+        finally:
+            files.close()
 
 
 def _prefix(endpoint: Endpoint | None) -> str:
     return endpoint.aws.thing_prefix if endpoint is not None and endpoint.aws is not None else ""
-
-
-def _signature(directory: Path) -> tuple[tuple[str, float, int], ...]:
-    out = []
-    for path in manifest_files(directory):
-        try:
-            st = path.stat()
-        except OSError:
-            continue
-        out.append((str(path), st.st_mtime, st.st_size))
-    return tuple(out)
