@@ -49,6 +49,11 @@ class KeyWriter(Protocol):
 
 
 class KeyReader(Protocol):
-    async def get(self, device: ObjectRef) -> KeyMaterial:
-        """Read and decrypt; raises KeyError if the device has nothing stored."""
+    async def get(self, device: ObjectRef, location: str | None = None) -> KeyMaterial:
+        """Read and decrypt; raises KeyError if the device has nothing stored.
+
+        ``location`` is where the writer recorded the credentials (``StoredInfo.location``, shown
+        as the Device's ``status.keyLocation``); None reads the store's own slot of ``device``. A
+        location that is not a slot of ``device`` in this store is refused (PermanentError).
+        """
         ...

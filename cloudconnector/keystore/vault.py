@@ -38,6 +38,7 @@ SCHEMA = "1"
 TRANSIT_PREFIX = "cc-"
 _NAMESPACE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_]*[A-Za-z0-9])?")
 _NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+LOCATION_SCHEME = "vault:"
 
 
 def transit_key_name(device: ObjectRef) -> str:
@@ -87,7 +88,27 @@ class VaultKeyStore:
 
     def location(self, device: ObjectRef) -> str:
         """What the status field ``keyLocation`` shows: ``vault:{kv_mount}/{prefix}/{ns}/{name}``."""
-        return f"vault:{self.config.kv_mount}/{self._relative(device)}"
+        return f"{LOCATION_SCHEME}{self.config.kv_mount}/{self._relative(device)}"
+
+    def _data_path_at(self, device: ObjectRef, location: str | None) -> str:
+        """The KV data path ``location`` names; it must end in the device's own slot, so a status
+        pointing at another device's record is refused here (and its ciphertext, bound to its
+        own slot, would not decrypt for this one either)."""
+        if location is None:
+            return self._data_path(device)
+        _check_slot(device)
+        mount, _, relative = location.removeprefix(LOCATION_SCHEME).partition("/")
+        parts = relative.split("/")
+        if (
+            not location.startswith(LOCATION_SCHEME)
+            or not all(_NAME.fullmatch(p) for p in (mount, *parts))
+            or parts[-2:] != [device.namespace, device.name]
+        ):
+            raise PermanentError(
+                f"the key location of {device} is not a Vault slot of that device",
+                reason="KeyLocationInvalid",
+            )
+        return f"{mount}/data/{relative}"
 
     def _data_path(self, device: ObjectRef) -> str:
         return f"{self.config.kv_mount}/data/{self._relative(device)}"
@@ -151,8 +172,8 @@ class VaultKeyStore:
 
     # KeyReader.
 
-    async def get(self, device: ObjectRef) -> KeyMaterial:
-        body = await self.session.request("GET", self._data_path(device))
+    async def get(self, device: ObjectRef, location: str | None = None) -> KeyMaterial:
+        body = await self.session.request("GET", self._data_path_at(device, location))
         record = ((body or {}).get("data") or {}).get("data")
         if not record:
             raise KeyError(str(device))

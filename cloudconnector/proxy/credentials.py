@@ -1,4 +1,5 @@
-"""TLS settings shared by both sides of the proxy, and the device-facing listener's context.
+"""TLS settings shared by both sides of the proxy, the device-facing listener's context, and where
+a device's credentials are read from.
 
 The cloud side (one identity per connection) is in ``upstream_tls``.
 """
@@ -10,6 +11,8 @@ import os
 import ssl
 
 from cloudconnector.errors import PermanentError
+from cloudconnector.keystore.base import KeyMaterial, KeyReader
+from cloudconnector.routes import Route
 
 # TLS 1.2 suites: forward secret (ECDHE) with an AEAD cipher. TLS 1.3 suites are all AEAD already.
 UPSTREAM_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!SHA1:!SHA256:!SHA384"
@@ -42,3 +45,12 @@ def file_stamp(*paths: str) -> tuple[tuple[int, int, int], ...]:
             st = os.stat(path)
             stamps.append((st.st_ino, st.st_mtime_ns, st.st_size))
     return tuple(stamps)
+
+
+async def read_credentials(keys: KeyReader, route: Route) -> KeyMaterial:
+    """The device's credentials, read where the operator recorded them (``status.keyLocation``),
+    not where this process's own settings would put them; a status without the field (written
+    before it existed) is read from the store's own slot."""
+    if route.key_location is None:
+        return await keys.get(route.device)
+    return await keys.get(route.device, route.key_location)

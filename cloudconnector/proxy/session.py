@@ -41,7 +41,7 @@ from cloudconnector.mqtt.packets import (
     refusal,
 )
 from cloudconnector.proxy.config import ProxyConfig
-from cloudconnector.proxy.credentials import CredentialsUnusable
+from cloudconnector.proxy.credentials import CredentialsUnusable, read_credentials
 from cloudconnector.proxy.metrics import DOWN, UP, Metrics
 from cloudconnector.proxy.pipe import ended_reason, relay_bytes
 from cloudconnector.proxy.resolver import Resolver
@@ -200,7 +200,7 @@ async def _open_upstream(
     unavailable = SERVER_UNAVAILABLE
     started = time.perf_counter()
     try:
-        material = await deps.keys.get(route.device)
+        material = await read_credentials(deps.keys, route)  # at status.keyLocation
     except KeyError:
         raise SessionEnd("no_credentials", "no credentials stored", NOT_AUTHORIZED) from None
     except Exception as e:
