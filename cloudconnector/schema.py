@@ -269,10 +269,29 @@ has no ``fieldPath`` on a rule, so the rule's message names the field for the AP
 table names it for :func:`validate`."""
 
 
+def _same_optional(key: str) -> Callable[[Any, Any], bool]:
+    # has(x.key) ? x.key : '' on both sides: absent and empty are the same value.
+    return lambda old, new: (
+        (new.get(key) if _present(new, key) else "") == (old.get(key) if _present(old, key) else "")
+    )
 
-TRANSITION_RULES: frozenset[str] = frozenset({"self == oldSelf"})
-"""CEL rules that compare with the stored object (``oldSelf``): the API server runs them on updates
-only. :func:`validate` sees one object and skips them; :func:`validate_update` enforces them."""
+
+def _same_optional_rule(key: str) -> str:
+    """The CEL text of that rule, as it stands on the field's parent in crds/ (the field itself
+    has no oldSelf when it is added or removed)."""
+    return f"(has(self.{key}) ? self.{key} : '') == (has(oldSelf.{key}) ? oldSelf.{key} : '')"
+
+
+_IDENTITY_FIELDS = ("cloudId", "thingPrefix")  # name where an identity lives: never edited in place
+_TRANSITION_FIELDS = {_same_optional_rule(key): key for key in _IDENTITY_FIELDS}
+
+TRANSITION_RULES: Mapping[str, Callable[[Any, Any], bool]] = {
+    "self == oldSelf": lambda old, new: bool(old == new),
+    **{_same_optional_rule(key): _same_optional(key) for key in _IDENTITY_FIELDS},
+}
+"""CEL rules that compare with the stored object (``oldSelf``), as Python ``(old, new) -> ok``: the
+API server runs them on updates only. :func:`validate` sees one object and skips them;
+:func:`validate_update` enforces them."""
 
 
 def cel_rules(
@@ -459,8 +478,15 @@ def validate_update(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Sche
     before = {path: value for path, rule, value in rules if rule["rule"] in TRANSITION_RULES}
     errors = []
     for path, rule, value in cel_rules(schemas[kind], new, ""):
-        if rule["rule"] in TRANSITION_RULES and path in before and before[path] != value:
+        check = TRANSITION_RULES.get(rule["rule"])
+        if check is None or path not in before or check(before[path], value):
+            continue
+        # A rule on the field itself can show the old value; one on its parent names the field.
+        field = _TRANSITION_FIELDS.get(rule["rule"])
+        if field is None:
             errors.append(SchemaError(path, f"{rule['message']} (was {_show(before[path])})"))
+        else:
+            errors.append(SchemaError(_join(path, field), rule["message"]))
     return errors
 
 

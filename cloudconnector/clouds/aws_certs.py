@@ -76,6 +76,7 @@ class Certificates:
         self._api = api
         # Created by this process and not yet attached: the sweep must not take them.
         self._fresh: set[str] = set()
+        self._swept: set[str] = set()  # orphans this process deleted: never looked at again
 
     async def issue(
         self,
@@ -255,11 +256,14 @@ class Certificates:
             certs = page.get("certificates", [])
             for cert in certs:
                 if await self._is_orphan(cert, lambda t: since <= t <= until):
-                    await self._api.call(
+                    done = await self._api.call(
                         "delete_certificate", certificateId=cert["certificateId"], tolerate=(AwsNotFound,)
                     )
                     deleted.append(cert["certificateId"])
-                    log.warning("Deleted orphaned certificate %s", cert["certificateId"][:16])
+                    self._swept.add(cert["certificateId"])
+                    # Sweeps of several devices see the same orphan: only the one that deleted it says so.
+                    if done:
+                        log.warning("Deleted orphaned certificate %s", cert["certificateId"][:16])
             marker = page.get("nextMarker")
             # Newest first: once a whole page predates the window, older pages cannot match.
             older = all(_parse_time(x["creationDate"]) < since for x in certs)
@@ -268,6 +272,8 @@ class Certificates:
 
     async def _is_orphan(self, cert: dict[str, Any], in_window: Callable[[dt.datetime], bool]) -> bool:
         if cert.get("status") != "INACTIVE" or cert["certificateId"] in self._fresh:
+            return False
+        if cert["certificateId"] in self._swept:
             return False
         if not in_window(_parse_time(cert["creationDate"])):
             return False

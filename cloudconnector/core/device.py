@@ -18,6 +18,7 @@ import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from cloudconnector.clouds.base import CloudIdentity, Progress
@@ -27,6 +28,7 @@ from cloudconnector.core.conditions import Condition
 from cloudconnector.core.conflicts import Clash
 from cloudconnector.core.provisioners import ProvisionerSource
 from cloudconnector.core.reporting import LogReporter, Reporter
+from cloudconnector.core.steps import new_steps
 from cloudconnector.errors import (
     ConnectorError,
     CredentialsError,
@@ -63,6 +65,15 @@ EndpointLookup = Callable[[str, str], Endpoint | None]
 
 # Waiting for something another object must change: not an error, so a slow, quiet retry.
 WAIT_DELAY = 30.0
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Why no new cloud work may start for a device now (its Group or Endpoint is being deleted):
+    an identity it already has stays in service, and removing one is always allowed."""
+
+    reason: str
+    message: str
 
 
 class SecretReader(Protocol):
@@ -111,6 +122,7 @@ class DeviceReconciler:
         save: Save,
         *,
         endpoint_ready: bool = True,
+        hold: Hold | None = None,
         clashes: Sequence[Clash] = (),
         report: Reporter | None = None,
     ) -> Status:
@@ -148,7 +160,10 @@ class DeviceReconciler:
             renewing = has_identity(st) and renewal_due(st)
             # A finished identity keeps working while its Endpoint is not Ready (for instance after
             # its API keys were revoked on purpose): only new work waits for the Endpoint.
-            if not endpoint_ready and (moving or rotating or renewing or not has_identity(st)):
+            new_work = moving or rotating or renewing or not has_identity(st)
+            if new_work and hold is not None:
+                raise WaitingError(hold.reason, hold.message)
+            if new_work and not endpoint_ready:
                 raise WaitingError("EndpointNotReady", f"Endpoint {endpoint.ref.name!r} is not Ready")
             if moving:
                 assert previous is not None
@@ -205,7 +220,9 @@ class DeviceReconciler:
             report.info("Provisioning", st["message"])
         await write(st)
         provisioner = await self._provisioners.get(endpoint)
-        identity = await provisioner.provision(device, st["progress"], _checkpoint(st, write), self._keys)
+        identity = await provisioner.provision(
+            device, st["progress"], _checkpoint(st, write, report), self._keys
+        )
         _record(st, identity)
         if device.rotate_token:
             st["rotation"] = {"token": device.rotate_token, "rotatedAt": cond.now_rfc3339()}
@@ -239,7 +256,7 @@ class DeviceReconciler:
         report.info("Adopting", st["message"])
         provisioner = await self._provisioners.get(endpoint)
         identity = await provisioner.adopt(
-            device, material, st["progress"], _checkpoint(st, write), self._keys
+            device, material, st["progress"], _checkpoint(st, write, report), self._keys
         )
         _record(st, identity)
         st["manualSecret"] = (
@@ -272,7 +289,7 @@ class DeviceReconciler:
             report.info("Rotating", f"new certificate requested: {why}")
         provisioner = await self._provisioners.get(endpoint)
         identity = await provisioner.rotate(
-            device, st.setdefault("progress", {}), _checkpoint(st, write), self._keys
+            device, st.setdefault("progress", {}), _checkpoint(st, write, report), self._keys
         )
         _record(st, identity)
         st["rotation"] = {"token": token, "rotatedAt": cond.now_rfc3339()}
@@ -299,11 +316,12 @@ class DeviceReconciler:
         old = self._lookup(device.ref.namespace, name)
         if old is None:
             raise WaitingError("EndpointNotFound", f"Endpoint {name!r} holding the identity does not exist")
-        provisioner = await self._provisioners.get(old)
-        await provisioner.deprovision(device, st.setdefault("progress", {}), _checkpoint(st, write))
+        provisioner = await self._provisioners.get(old, removal=True)
+        await provisioner.deprovision(device, st.setdefault("progress", {}), _checkpoint(st, write, report))
 
     def _mark_ready(self, device: Device, st: Status) -> None:
         st["phase"] = READY
+        st.pop("step", None)
         message = f"{_sim(device)} is {st.get('cloudId')} at Endpoint {st.get('endpoint')}"
         st["message"] = message
         cond.set_condition(st, Condition(cond.READY, cond.TRUE, "Provisioned", message), device.generation)
@@ -340,7 +358,9 @@ def _outcome(
     message = short(error)
     if deleting:
         phase = DELETING
-    elif isinstance(error, WaitingError):
+    elif isinstance(error, WaitingError | CredentialsError):
+        # Keys revoked or their Secret gone: someone restores them and the device carries on by
+        # itself, so this is waiting, not Failed (which means only a person editing it can help).
         phase = PENDING
     elif isinstance(error, TransientError):
         phase = st.get("phase") if st.get("phase") == PROVISIONING else PENDING
@@ -359,10 +379,20 @@ def _outcome(
         (report.info if isinstance(error, WaitingError) else report.warn)(error.reason, message)
 
 
-def _checkpoint(st: Status, write: _Writer) -> Callable[[Progress], Awaitable[None]]:
+def _checkpoint(st: Status, write: _Writer, report: Reporter) -> Callable[[Progress], Awaitable[None]]:
+    # Provisioners change the progress dict they were given in place: compare with a copy.
+    seen = copy.deepcopy(st.get("progress"))
+
     async def checkpoint(progress: Progress) -> None:
+        nonlocal seen
+        done = new_steps(seen, progress) if st.get("phase") == PROVISIONING else []
+        seen = copy.deepcopy(dict(progress))
         st["progress"] = copy.deepcopy(dict(progress))
+        if done:
+            st["step"] = done[-1][0]  # a printed column: each checkpoint row says what it did
         await write(st)
+        for reason, message in done:  # after the write: an event never runs ahead of the status
+            report.info(reason, message)
 
     return checkpoint
 

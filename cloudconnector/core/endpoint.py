@@ -55,9 +55,7 @@ async def check_endpoint(
     except ConnectorError as e:
         st["phase"] = ERROR
         reason = e.reason
-        message = short(e)
-        if isinstance(e, CredentialsError):
-            message += "; provisioned devices keep working, new work waits for valid credentials"
+        message = _failure_message(e)
         cond.set_condition(st, Condition(cond.READY, cond.FALSE, reason, message), gen)
         if was != ERROR:
             report.warn(reason, message)
@@ -71,6 +69,25 @@ async def check_endpoint(
             report.info("Ready", message)
     if usage is not None:
         set_revocable(st, endpoint, usage)
+    return st
+
+
+def _failure_message(e: ConnectorError) -> str:
+    message = short(e)
+    if isinstance(e, CredentialsError):
+        message += "; provisioned devices keep working, new work waits for valid credentials"
+    return message
+
+
+def credentials_rejected(
+    status: Mapping[str, Any] | None, generation: int, error: CredentialsError
+) -> dict[str, Any]:
+    """The status of an Endpoint whose keys a device's cloud call just found rejected: not Ready
+    from now on, rather than from its next scheduled check."""
+    st = cond.working_copy(status)
+    st["phase"] = ERROR
+    message = f"during device work: {_failure_message(error)}"
+    cond.set_condition(st, Condition(cond.READY, cond.FALSE, error.reason, message), generation)
     return st
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cloudconnector.clouds.base import Provisioner
+from cloudconnector.errors import CredentialsError
 from cloudconnector.model import Endpoint
 from cloudconnector.ratelimit import RateLimiter
 
@@ -28,9 +29,10 @@ Factory = Callable[[Endpoint, Credentials, RateLimiter], Provisioner]
 
 
 class ProvisionerSource(Protocol):
-    """Where reconcilers get the provisioner for an Endpoint."""
+    """Where reconcilers get the provisioner for an Endpoint; ``removal`` for work that only
+    deletes identities (see :meth:`ProvisionerPool.get`)."""
 
-    async def get(self, endpoint: Endpoint) -> Provisioner: ...
+    async def get(self, endpoint: Endpoint, *, removal: bool = False) -> Provisioner: ...
 
 
 @dataclass
@@ -64,11 +66,27 @@ class ProvisionerPool:
             limiter.set_rate(endpoint.rate_per_second)
         return limiter
 
-    async def get(self, endpoint: Endpoint) -> Provisioner:
-        # Credentials are re-read every time: a rotated or revoked Secret takes effect on the next
-        # call without waiting for the Endpoint's generation to change.
-        credentials = await self._load(endpoint)
+    async def get(self, endpoint: Endpoint, *, removal: bool = False) -> Provisioner:
+        """The provisioner with the Endpoint's current credentials.
+
+        Credentials are re-read every time: a rotated or revoked Secret takes effect on the next
+        call without waiting for the Endpoint's generation to change. Only ``removal`` work
+        (deleting a Device, moving it away) may go on with the keys read last when the Secret
+        cannot be read any more: deleting a namespace or a manifest file removes the Secret
+        together with the Devices, and their cloud identities must not be left behind.
+        """
         key = _key(endpoint)
+        try:
+            credentials = await self._load(endpoint)
+        except CredentialsError:
+            entry = self._entries.get(key)
+            if not removal or entry is None:
+                raise
+            logger.warning(
+                "the credentials of Endpoint %s cannot be read: removing identities with the keys read last",
+                endpoint.ref,
+            )
+            return entry.provisioner
         async with self._lock:
             entry = self._entries.get(key)
             if (

@@ -3,8 +3,8 @@
 ``CLOUDCONNECTOR_NAMESPACES``
     Comma-separated namespaces (or kopf globs) to watch; empty: the whole cluster.
 ``CLOUDCONNECTOR_PEERING``
-    kopf peering object name for an active/standby pair (default ``cloud-connector``);
-    ``off`` runs standalone (no peering resource needed).
+    kopf peering object name for an active/standby pair (the chart's ``operator.peering``); unset
+    or ``off`` (the default) runs one operator alone, needing no kopf.dev CRDs.
 ``CLOUDCONNECTOR_NAMESPACE_SCANNING``
     ``off`` disables kopf's dynamic namespace/CRD scanning (needs no cluster-wide list rights).
 ``CLOUDCONNECTOR_ENDPOINT_RECHECK``
@@ -23,6 +23,8 @@
     kopf's wait for its own patch to come back in the watch stream (default 5).
 ``CLOUDCONNECTOR_LOG_LEVEL``
     Python log level of the operator process (default ``INFO``).
+``CLOUDCONNECTOR_LOG_JSON``
+    One JSON object per log line (default ``true``); ``false`` for plain text at a terminal.
 ``CLOUDCONNECTOR_LIVENESS``
     kopf liveness endpoint URL, e.g. ``http://0.0.0.0:8080/healthz`` (default: none).
 Vault: see :mod:`cloudconnector.keystore.vault_config`. Kubernetes: :mod:`cloudconnector.kube.config`.
@@ -42,7 +44,7 @@ OFF = ("", "off", "false", "no", "0")
 @dataclass(frozen=True)
 class OperatorConfig:
     namespaces: tuple[str, ...] = ()
-    peering: str | None = "cloud-connector"
+    peering: str | None = None
     namespace_scanning: bool = True
     endpoint_recheck: float = 300.0
     status_interval: float = 10.0
@@ -56,7 +58,7 @@ class OperatorConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
         env = os.environ if env is None else env
-        peering = env.get("CLOUDCONNECTOR_PEERING", "cloud-connector").strip()
+        peering = env.get("CLOUDCONNECTOR_PEERING", "off").strip()
         return cls(
             namespaces=tuple(
                 n.strip() for n in env.get("CLOUDCONNECTOR_NAMESPACES", "").split(",") if n.strip()

@@ -18,9 +18,11 @@ import kopf
 
 from cloudconnector import api
 from cloudconnector.core import device as dev
+from cloudconnector.core.conditions import find
 from cloudconnector.core.conflicts import find_clashes
-from cloudconnector.core.endpoint import Usage, check_endpoint, set_revocable
+from cloudconnector.core.endpoint import Usage, check_endpoint, credentials_rejected, set_revocable
 from cloudconnector.core.group import group_status
+from cloudconnector.core.in_use import hold_message
 from cloudconnector.errors import (
     CredentialsError,
     InvalidSpec,
@@ -30,6 +32,7 @@ from cloudconnector.errors import (
 from cloudconnector.model import Endpoint, Group, parse_device, parse_endpoint, parse_group
 from cloudconnector.operator.config import OperatorConfig
 from cloudconnector.operator.indexes import all_of, groups_on, one, peers_of
+from cloudconnector.operator.logs import about
 from cloudconnector.operator.runtime import DEVICES, ENDPOINTS, GROUPS, Runtime
 
 logger = logging.getLogger(__name__)
@@ -88,7 +91,46 @@ def _raise_for_kopf(e: Exception, *, delay: float | None = None) -> None:
 # -- Devices ---------------------------------------------------------------------------------
 
 
+def _terminating(body: Mapping[str, Any] | None) -> bool:
+    return bool(body and (body.get("metadata") or {}).get("deletionTimestamp"))
+
+
+def _hold(group_body: Mapping[str, Any] | None, endpoint_body: Mapping[str, Any] | None) -> dev.Hold | None:
+    """No new identity in a Group or at an Endpoint that is being deleted (core/in_use.py)."""
+    for kind, body in (("Group", group_body), ("Endpoint", endpoint_body)):
+        if body is not None and _terminating(body):
+            name = str((body.get("metadata") or {}).get("name"))
+            return dev.Hold(f"{kind}Terminating", hold_message(kind, name))
+    return None
+
+
+async def _credentials_failed(rt: Runtime, namespace: str, name: str, error: CredentialsError) -> None:
+    """A device found the Endpoint's keys rejected: the Endpoint says so now, not at its recheck."""
+    async with rt.lock("endpoint", namespace, name):
+        body = await rt.fresh(ENDPOINTS, namespace, name)
+        if body is None or (body.get("status") or {}).get("phase") != "Ready":
+            return
+        status = body.get("status") or {}
+        new = credentials_rejected(status, int(body["metadata"].get("generation") or 0), error)
+        await rt.saver(ENDPOINTS, namespace, name, status)(new)
+    with about("Endpoint", namespace, name):
+        ready = find(new.get("conditions"), "Ready") or {}
+        KopfReporter(body).warn(error.reason, str(ready.get("message")))
+
+
 async def _reconcile_device(
+    namespace: str,
+    name: str,
+    memo: kopf.Memo,
+    endpoints_idx: kopf.Index[Any, Any],
+    groups_idx: kopf.Index[Any, Any],
+    device_peers: kopf.Index[Any, Any],
+) -> None:
+    with about("Device", namespace, name):
+        await _reconcile_device_here(namespace, name, memo, endpoints_idx, groups_idx, device_peers)
+
+
+async def _reconcile_device_here(
     namespace: str,
     name: str,
     memo: kopf.Memo,
@@ -112,6 +154,7 @@ async def _reconcile_device(
         try:
             group = parse_group(group_body) if group_body is not None else None
             endpoint, ready = _endpoint_of(group, endpoints_idx)
+            endpoint_body = one(endpoints_idx, (namespace, group.endpoint)) if group is not None else None
             if group is not None and not ready:
                 endpoint_body = await rt.fresh(ENDPOINTS, namespace, group.endpoint)
                 if endpoint_body is not None:
@@ -134,11 +177,19 @@ async def _reconcile_device(
                 status,
                 save,
                 endpoint_ready=ready,
+                hold=_hold(group_body, endpoint_body),
                 clashes=clashes,
                 report=report,
             )
         except dev.WaitingError:
             return  # Pending: re-triggered when the awaited object changes
+        except CredentialsError as e:
+            # The status now names the Endpoint the failing work was for (the old one while moving).
+            after = (await rt.fresh(DEVICES, namespace, name) or {}).get("status") or {}
+            where = after.get("endpoint") or (group.endpoint if group is not None else None)
+            if where:
+                await _credentials_failed(rt, namespace, where, e)
+            _raise_for_kopf(e)
         except Exception as e:
             _raise_for_kopf(e)
     if clashes and status.get("phase") != dev.CONFLICT:
@@ -219,6 +270,18 @@ async def device_deleted(
     endpoints_idx: kopf.Index[Any, Any],
     **_: Any,
 ) -> None:
+    with about("Device", namespace, name):
+        await _finalize_device(namespace, name, body, memo, retry, endpoints_idx)
+
+
+async def _finalize_device(
+    namespace: str,
+    name: str,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    retry: int,
+    endpoints_idx: kopf.Index[Any, Any],
+) -> None:
     rt = _runtime(memo)
     async with rt.lock("device", namespace, name):
         fresh = await rt.fresh(DEVICES, namespace, name) or dict(body)
@@ -245,6 +308,19 @@ async def device_deleted(
 
 
 async def _refresh_group(
+    namespace: str,
+    name: str,
+    memo: kopf.Memo,
+    endpoints_idx: kopf.Index[Any, Any],
+    devices_by_group: kopf.Index[Any, Any],
+    *,
+    retrigger: bool,
+) -> None:
+    with about("Group", namespace, name):
+        await _refresh_group_here(namespace, name, memo, endpoints_idx, devices_by_group, retrigger=retrigger)
+
+
+async def _refresh_group_here(
     namespace: str,
     name: str,
     memo: kopf.Memo,
@@ -330,6 +406,17 @@ async def _check_endpoint(
     groups_idx: kopf.Index[Any, Any],
     devices_by_group: kopf.Index[Any, Any],
 ) -> None:
+    with about("Endpoint", namespace, name):
+        await _check_endpoint_here(namespace, name, memo, groups_idx, devices_by_group)
+
+
+async def _check_endpoint_here(
+    namespace: str,
+    name: str,
+    memo: kopf.Memo,
+    groups_idx: kopf.Index[Any, Any],
+    devices_by_group: kopf.Index[Any, Any],
+) -> None:
     rt = _runtime(memo)
     async with rt.lock("endpoint", namespace, name):
         body = await rt.fresh(ENDPOINTS, namespace, name)
@@ -384,6 +471,26 @@ async def endpoint_recheck(
         await _check_endpoint(namespace, name, memo, groups_idx, devices_by_group)
 
 
+@kopf.timer(
+    *ENDPOINT_KIND,
+    interval=CONFIG.credentials_retry,
+    idle=CONFIG.credentials_retry,
+    when=lambda status, **_: status.get("phase") == "Error",
+)
+async def endpoint_error_recheck(
+    namespace: str,
+    name: str,
+    memo: kopf.Memo,
+    groups_idx: kopf.Index[Any, Any],
+    devices_by_group: kopf.Index[Any, Any],
+    **_: Any,
+) -> None:
+    """An Endpoint in Error is looked at as often as its devices retry, so that restored keys
+    bring it (and the devices waiting for it) back without waiting for the slow recheck."""
+    with contextlib.suppress(kopf.PermanentError):
+        await _check_endpoint(namespace, name, memo, groups_idx, devices_by_group)
+
+
 @kopf.timer(*ENDPOINT_KIND, interval=CONFIG.status_interval, backoff=CONFIG.status_interval)
 async def endpoint_usage(
     namespace: str,
@@ -410,7 +517,4 @@ async def endpoint_usage(
         await rt.saver(ENDPOINTS, namespace, name, status)(new)
 
 
-@kopf.on.delete(*ENDPOINT_KIND, optional=True)
-async def endpoint_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    with contextlib.suppress(InvalidSpec):
-        await _runtime(memo).pool.forget(parse_endpoint(body))
+# Deleting Groups and Endpoints: cloudconnector/operator/protection.py (in-use protection).

@@ -19,9 +19,10 @@ import kopf
 
 from cloudconnector import api
 from cloudconnector.kube import KubeClient, KubeConfig
+from cloudconnector.kube.client import KubeError
 from cloudconnector.kube.config import kopf_connection_info
-from cloudconnector.operator import handlers, indexes
-from cloudconnector.operator.config import OperatorConfig
+from cloudconnector.operator import handlers, indexes, logs, preflight
+from cloudconnector.operator.config import OFF, OperatorConfig
 from cloudconnector.operator.runtime import Runtime, SecretAccess, build_pool
 
 logger = logging.getLogger("cloudconnector.operator")
@@ -77,6 +78,9 @@ def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
     )
     settings.persistence.consistency_timeout = config.consistency_timeout
     settings.posting.level = logging.INFO
+    # Events come from the reconcilers (one per step or new problem), not from kopf's log lines,
+    # which would post "Handler ... succeeded" and every retry as an event.
+    settings.posting.loggers = False
     settings.posting.reporting_component = "cloud-connector"
     settings.scanning.disabled = not config.namespace_scanning
     settings.peering.standalone = config.peering is None
@@ -89,11 +93,41 @@ def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
         settings.peering.priority = 1 + secrets.randbelow(2**31 - 1)
 
 
+PREFLIGHT_PATIENCE = 60.0
+"""Seconds to wait for an unreachable API server before giving up at start-up."""
+
+
+async def _preflight(config: OperatorConfig) -> str | None:
+    """None when the operator can work here, else the one line that says why not."""
+    kube = KubeClient(KubeConfig.from_env())
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + PREFLIGHT_PATIENCE
+    try:
+        while True:
+            try:
+                await preflight.check(kube, config)
+                return None
+            except preflight.CannotStart as e:
+                return str(e)
+            except KubeError as e:
+                if loop.time() > deadline:
+                    return f"the Kubernetes API at {kube.config.server} did not answer: {e}"
+                logger.warning("waiting for the Kubernetes API: %s", e)
+                await asyncio.sleep(2.0)
+    finally:
+        await kube.aclose()
+
+
 def main(argv: list[str] | None = None) -> int:
     del argv
     level = os.environ.get("CLOUDCONNECTOR_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    as_json = os.environ.get("CLOUDCONNECTOR_LOG_JSON", "true").strip().lower() not in OFF
+    logs.configure(level, as_json)
     config = handlers.CONFIG
+    problem = asyncio.run(_preflight(config))
+    if problem is not None:
+        logger.critical("cannot start: %s", problem)
+        return 2
     try:
         import uvloop
 

@@ -17,20 +17,33 @@ from typing import Any
 
 from cloudconnector import api
 from cloudconnector.core.conditions import status_patch, working_copy
-from cloudconnector.core.device import DeviceReconciler, EndpointLookup
+from cloudconnector.core.device import DeviceReconciler, EndpointLookup, WaitingError
 from cloudconnector.core.provisioners import Factory, ProvisionerPool
 from cloudconnector.errors import CredentialsError
 from cloudconnector.keystore.base import KeyWriter
-from cloudconnector.kube import KubeClient, Resource
+from cloudconnector.kube import KubeClient, KubeError, Resource
 from cloudconnector.model import Endpoint
 from cloudconnector.operator.config import OperatorConfig
 
 logger = logging.getLogger(__name__)
 
+
+class Forbidden(Exception):
+    """The operator's account may not read a Secret (the chart's secretAccess does not cover it)."""
+
+
 ENDPOINTS = Resource(api.GROUP, api.VERSION, api.ENDPOINTS)
 GROUPS = Resource(api.GROUP, api.VERSION, api.GROUPS)
 DEVICES = Resource(api.GROUP, api.VERSION, api.DEVICES)
 RETRIGGER_ANNOTATION = f"{api.GROUP}/reconcile-request"
+
+
+def _forbidden(namespace: str, name: str) -> str:
+    return (
+        f"the operator may not read Secret {namespace}/{name}: add {namespace} to the Helm value "
+        "operator.secretAccess.namespaces (and the name to operator.secretAccess.resourceNames if "
+        "that list is set)"
+    )
 
 
 class SecretAccess:
@@ -39,15 +52,29 @@ class SecretAccess:
     def __init__(self, kube: KubeClient) -> None:
         self._kube = kube
 
+    async def _read(self, namespace: str, name: str) -> Mapping[str, bytes] | None:
+        try:
+            return await self._kube.read_secret(namespace, name)
+        except KubeError as e:
+            if e.status == 403:
+                raise Forbidden(_forbidden(namespace, name)) from None
+            raise
+
     async def read(self, namespace: str, name: str) -> Mapping[str, bytes] | None:
-        return await self._kube.read_secret(namespace, name)
+        try:
+            return await self._read(namespace, name)
+        except Forbidden as e:
+            raise WaitingError("SecretForbidden", str(e)) from None
 
     async def endpoint_credentials(self, endpoint: Endpoint) -> dict[str, str]:
         spec = endpoint.aws or endpoint.azure
         secret = spec.credentials_secret if spec is not None else None
         if not secret:
             return {}  # the SDK's default chain (IRSA, workload identity)
-        data = await self._kube.read_secret(endpoint.ref.namespace, secret)
+        try:
+            data = await self._read(endpoint.ref.namespace, secret)
+        except Forbidden as e:
+            raise CredentialsError(str(e), reason="SecretForbidden") from None
         if data is None:
             raise CredentialsError(f"credentials Secret {secret!r} does not exist", reason="SecretNotFound")
         try:

@@ -454,7 +454,7 @@ def test_identity_naming_fields_cannot_drift(
     before = changed(obj, f"{parent}.{key}", old)
     after = changed(obj, f"{parent}.{key}", new)
     errors = schema.validate_update(before, after)
-    assert [e.path for e in errors] == [parent]
+    assert [e.path for e in errors] == [f"{parent}.{key}"]
     assert f"{parent}.{key} cannot be added, changed or removed" in errors[0].message
     assert schema.validate_update(before, before) == []
     # The API server's CEL agrees, on the parent node the rule stands on.
