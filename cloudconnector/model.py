@@ -17,6 +17,7 @@ from typing import Any
 from cloudconnector.errors import InvalidSpec
 from cloudconnector.identity import canonical_ip
 from cloudconnector.mqtt.packets import MQTT_MAX_PACKET_SIZE
+from cloudconnector.vocabulary import ROTATE_ANNOTATION
 
 # The providers' documented device-registration limit; an Azure hub's registry is much slower
 # (100 operations/minute/unit on S1) so its default follows the hub, not AWS.
@@ -252,7 +253,7 @@ def parse_device(obj: Mapping[str, Any], *, thing_prefix: str = "") -> Device:
         cloud_id=cloud_id,
         credentials_secret=_str(obj, "spec.credentialsSecretRef.name"),
         register_manual_certificate=bool(_get(obj, "spec.registerCertificate", default=True)),
-        rotate_token=annotations.get("cloudconnector.io/rotate"),
+        rotate_token=annotations.get(ROTATE_ANNOTATION),
         uid=uid,
         labels=dict(_get(obj, "metadata.labels", default={}) or {}),
     )

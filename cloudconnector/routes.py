@@ -28,8 +28,7 @@ from cloudconnector.model import (
     parse_endpoint,
     parse_group,
 )
-
-READY = "Ready"
+from cloudconnector.vocabulary import DevicePhase
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,7 @@ def build_route(
 ) -> Route | None:
     """The route for a device, or None while it is not usable (not Ready, moved, endpoint down)."""
     dstatus = device.get("status") or {}
-    if dstatus.get("phase") != READY or group is None or endpoint is None:
+    if dstatus.get("phase") != DevicePhase.READY or group is None or endpoint is None:
         return None
     try:
         dev = parse_device(device)

@@ -21,7 +21,6 @@ from typing import Any
 from cloudconnector import api, schema
 from cloudconnector.core.conflicts import Peer, PeerIndex
 from cloudconnector.core.device import DeviceReconciler, has_identity
-from cloudconnector.core.endpoint import READY as ENDPOINT_READY
 from cloudconnector.core.endpoint import Usage, check_endpoint, set_revocable
 from cloudconnector.core.group import group_status
 from cloudconnector.core.provisioners import ProvisionerPool
@@ -39,6 +38,7 @@ from cloudconnector.standalone.manifests import Manifest, ManifestError, Snapsho
 from cloudconnector.standalone.slices import Slicer
 from cloudconnector.standalone.store import StateStore, StoredObject
 from cloudconnector.standalone.watch import DirWatch, signature
+from cloudconnector.vocabulary import DevicePhase, EndpointPhase
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class Runner:
             for d in self.store.list(api.KIND_DEVICE, endpoint.ref.namespace)
             if d.body.get("spec", {}).get("group") in groups
         ]
-        return Usage(len(users), sum(1 for d in users if d.status.get("phase") == "Ready"))
+        return Usage(len(users), sum(1 for d in users if d.status.get("phase") == DevicePhase.READY))
 
     async def _devices_pass(self, removed: Callable[[StoredObject], bool], result: PassResult) -> None:
         objects, peers = await asyncio.to_thread(self._peers, removed)
@@ -287,7 +287,7 @@ class Runner:
         except InvalidSpec as e:
             result.failed[str(obj.ref)] = str(e)
             return
-        ready = endpoint_obj is not None and endpoint_obj.status.get("phase") == ENDPOINT_READY
+        ready = endpoint_obj is not None and endpoint_obj.status.get("phase") == EndpointPhase.READY
         async with self._semaphore:
             await self._guard(
                 device,

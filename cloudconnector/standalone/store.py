@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cloudconnector.model import ObjectRef
+from cloudconnector.vocabulary import ROTATE_ANNOTATION
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
@@ -165,4 +166,4 @@ class StateStore:
 
 def _spec_key(manifest: Mapping[str, Any]) -> str:
     annotations = (manifest.get("metadata") or {}).get("annotations") or {}
-    return json.dumps([manifest.get("spec"), annotations.get("cloudconnector.io/rotate")], sort_keys=True)
+    return json.dumps([manifest.get("spec"), annotations.get(ROTATE_ANNOTATION)], sort_keys=True)
