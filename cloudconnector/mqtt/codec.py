@@ -54,6 +54,7 @@ __all__ = [
     "decode",
     "encode",
     "read_packet",
+    "skip_bytes",
 ]
 
 DEFAULT_MAX_SIZE = 256 * 1024 + 1024  # the largest cloud payload (Azure, 256 KB) plus headers
@@ -87,7 +88,11 @@ def check_fixed_header(header: int) -> None:
 
 
 async def read_packet(reader: asyncio.StreamReader, max_size: int = DEFAULT_MAX_SIZE) -> tuple[int, bytes]:
-    """Read one packet: (fixed header byte, body). EOF raises ``asyncio.IncompleteReadError``."""
+    """Read one packet: (fixed header byte, body). EOF raises ``asyncio.IncompleteReadError``.
+
+    A packet over ``max_size`` raises :class:`PacketTooLarge` before its body is read; the body is
+    then still on the stream (``unread`` bytes), for :func:`skip_bytes` if the caller drops it.
+    """
     header = (await reader.readexactly(1))[0]
     check_fixed_header(header)
     length = 0
@@ -98,10 +103,20 @@ async def read_packet(reader: asyncio.StreamReader, max_size: int = DEFAULT_MAX_
             break
     else:
         raise MalformedPacket("remaining length longer than 4 bytes")
-    if length + 2 > max_size:
-        raise PacketTooLarge(f"packet of {length} bytes exceeds the limit of {max_size}")
+    size = 2 + i + length  # the whole packet: header byte, i + 1 length bytes, body
+    if size > max_size:
+        raise PacketTooLarge(size, max_size, length)
     body = await reader.readexactly(length) if length else b""
     return header, body
+
+
+async def skip_bytes(reader: asyncio.StreamReader, n: int, chunk: int = 64 * 1024) -> None:
+    """Read and discard ``n`` bytes, holding at most ``chunk`` of them at a time."""
+    while n > 0:
+        data = await reader.read(min(n, chunk))
+        if not data:
+            raise asyncio.IncompleteReadError(b"", n)
+        n -= len(data)
 
 
 def _header_ok(header: int) -> bool:
@@ -122,15 +137,27 @@ class FrameScanner:
     """Follows packet boundaries in a relayed byte stream, enforcing the cheap checks.
 
     ``feed`` is called with each chunk before it is forwarded; it raises on a bad fixed header or
-    an oversized packet and returns how many PUBLISH packets started in the chunk.
+    an oversized packet and returns how many PUBLISH packets started in the chunk. ``filter`` is
+    the variant for a stream whose oversized packets are dropped rather than fatal.
     """
 
-    __slots__ = ("_max_size", "_partial", "_skip")
+    __slots__ = ("_dropping", "_max_size", "_partial", "_skip", "dropped", "last_dropped")
 
     def __init__(self, max_size: int = DEFAULT_MAX_SIZE) -> None:
         self._max_size = max_size
         self._skip = 0  # body bytes of the current packet still to pass
         self._partial = b""  # a fixed header split across chunks
+        self._dropping = False  # (filter) the current packet is being cut out
+        self.dropped = 0  # (filter) oversized packets cut out so far
+        self.last_dropped = 0  # (filter) the size of the latest one
+
+    @property
+    def max_size(self) -> int:
+        return self._max_size
+
+    def at_boundary(self) -> bool:
+        """True between packets: bytes of another origin may be inserted into the stream here."""
+        return not self._skip and not self._partial
 
     def feed(self, chunk: bytes) -> int:
         if self._partial:  # rare: the previous chunk ended inside a fixed header
@@ -163,10 +190,68 @@ class FrameScanner:
                 shift += 7
                 if shift == 28:
                     raise MalformedPacket("remaining length longer than 4 bytes")
-            if length + 2 > self._max_size:
-                raise PacketTooLarge(f"packet of {length} bytes exceeds the limit of {self._max_size}")
+            if i - pos + length > self._max_size:
+                raise PacketTooLarge(i - pos + length, self._max_size)
             publishes += _IS_PUBLISH[header]
             pos, skip = i, length
+
+    def filter(self, chunk: bytes) -> tuple[int, bytes]:
+        """Like ``feed``, but an oversized packet is cut out instead of raising.
+
+        Returns (PUBLISH packets started, the bytes to forward). A fixed header split across chunks
+        is held back until it is complete, so that no packet is begun and then found too large.
+        """
+        if self._partial:
+            chunk, self._partial = self._partial + chunk, b""
+        kept: list[bytes] = []
+        keep_from = 0  # start of the bytes not yet either kept or cut
+        publishes = 0
+        pos, end, skip, dropping = 0, len(chunk), self._skip, self._dropping
+        while True:
+            if skip:
+                n = min(skip, end - pos)
+                if dropping:
+                    kept.append(chunk[keep_from:pos])
+                    keep_from = pos + n
+                pos, skip = pos + n, skip - n
+                if skip:  # the chunk ends inside this packet
+                    self._skip, self._dropping = skip, dropping
+                    return publishes, _joined(chunk, kept, keep_from, end)
+                dropping = False
+            if pos >= end:
+                self._skip, self._dropping = 0, False
+                return publishes, _joined(chunk, kept, keep_from, end)
+            header = chunk[pos]
+            if not _HEADER_OK[header]:
+                check_fixed_header(header)
+            i, length, shift = pos + 1, 0, 0
+            while True:
+                if i >= end:
+                    self._partial, self._skip, self._dropping = chunk[pos:], 0, False
+                    return publishes, _joined(chunk, kept, keep_from, pos)
+                byte = chunk[i]
+                i += 1
+                length |= (byte & 0x7F) << shift
+                if not byte & 0x80:
+                    break
+                shift += 7
+                if shift == 28:
+                    raise MalformedPacket("remaining length longer than 4 bytes")
+            if i - pos + length > self._max_size:
+                self.dropped += 1
+                self.last_dropped = i - pos + length
+                kept.append(chunk[keep_from:pos])
+                keep_from, dropping = i, length > 0  # cut the fixed header, then the body
+            else:
+                publishes += _IS_PUBLISH[header]
+            pos, skip = i, length
+
+
+def _joined(chunk: bytes, kept: list[bytes], keep_from: int, stop: int) -> bytes:
+    if not kept and keep_from == 0 and stop == len(chunk):
+        return chunk  # the common case: nothing cut, nothing held back
+    kept.append(chunk[keep_from:stop])
+    return b"".join(kept)
 
 
 # ---------------------------------------------------------------- decoding

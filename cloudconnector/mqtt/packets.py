@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 MQTT_311 = 4
 MQTT_5 = 5
 MQTT_31 = 3  # the pre-standard "MQIsdp" level; framed like 3.1.1
-# The largest packet MQTT can frame: header byte, four length bytes, 268,435,455 bytes of body.
-MQTT_MAX_PACKET_SIZE = 1 + 4 + 268_435_455
+# The largest Maximum Packet Size MQTT 5 peers take (clients check 1 to 268,435,455): in effect no
+# limit, as the largest remaining length MQTT can frame is the same number.
+MQTT_MAX_PACKET_SIZE = 268_435_455
 
 
 class PacketType(enum.IntEnum):

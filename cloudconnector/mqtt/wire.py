@@ -15,7 +15,17 @@ class MalformedPacket(ValueError):
 
 
 class PacketTooLarge(MalformedPacket):
-    """The packet exceeds the configured maximum size."""
+    """The packet exceeds the configured maximum size.
+
+    ``size`` counts the whole packet (fixed header included), as MQTT 5's Maximum Packet Size does;
+    ``unread`` is how many of its bytes are still on the stream, for a reader that skips it.
+    """
+
+    def __init__(self, size: int, limit: int, unread: int = 0) -> None:
+        super().__init__(f"packet of {size} bytes exceeds the limit of {limit}")
+        self.size = size
+        self.limit = limit
+        self.unread = unread
 
 
 def encode_varint(value: int) -> bytes:

@@ -292,3 +292,47 @@ def test_frame_scanner_agrees_with_read_packet(packets: list[object], cuts: list
         header, body = split(rest[: len(codec.encode(p))])  # type: ignore[arg-type]
         assert codec.decode(header, body) == p
         rest = rest[len(codec.encode(p)) :]  # type: ignore[arg-type]
+
+
+@given(
+    st.lists(st.tuples(packets_st, st.booleans()), max_size=10),
+    st.lists(st.integers(1, 700), min_size=1, max_size=20),
+)
+def test_frame_scanner_filter_cuts_exactly_the_oversized(
+    items: list[tuple[object, bool]], cuts: list[int]
+) -> None:
+    limit = 400
+    big = [Publish("big", b"x" * 600, 1, packet_id=7), Publish("big", b"x" * 20_000)]
+    packets = [big[n % 2] if over else p for n, (p, over) in enumerate(items)]
+    encoded = [codec.encode(p) for p in packets]  # type: ignore[arg-type]
+    stream = b"".join(encoded)
+    scanner = FrameScanner(max_size=limit)
+    pos, seen, out, i = 0, 0, b"", 0
+    while pos < len(stream):
+        step = cuts[i % len(cuts)]
+        count, kept = scanner.filter(stream[pos : pos + step])
+        seen, out = seen + count, out + kept
+        pos, i = pos + step, i + 1
+    fits = [e for e in encoded if len(e) <= limit]
+    assert out == b"".join(fits)
+    assert seen == sum(
+        isinstance(p, Publish) for p, e in zip(packets, encoded, strict=True) if len(e) <= limit
+    )
+    assert scanner.dropped == len(encoded) - len(fits) and scanner.at_boundary()
+
+
+def test_read_packet_too_large_leaves_the_body_to_skip() -> None:
+    async def run() -> tuple[int, int, int, bytes]:
+        reader = asyncio.StreamReader()
+        big, after = codec.encode(Publish("t", b"x" * 5000)), codec.encode(Pingreq())
+        reader.feed_data(big + after)
+        reader.feed_eof()
+        with pytest.raises(PacketTooLarge) as e:
+            await codec.read_packet(reader, 1000)
+        await codec.skip_bytes(reader, e.value.unread, chunk=512)
+        header, body = await codec.read_packet(reader, 1000)
+        return e.value.size, e.value.limit, len(big), bytes((header,)) + body
+
+    size, limit, whole, rest = asyncio.run(run())
+    assert (size, limit) == (whole, 1000)  # the whole packet, fixed header included
+    assert rest == b"\xc0"  # and the stream goes on at the next packet
