@@ -17,6 +17,7 @@ from pathlib import Path
 from cloudconnector import api
 
 DEFAULT_STATE = ".cloud-connector"
+SWITCH_INTERVAL = 0.0005  # seconds; see _run
 
 
 def _state_dir(value: str | None) -> Path:
@@ -34,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     mode = run.add_mutually_exclusive_group()
     mode.add_argument("--once", action="store_true", help="apply once, wait for retries, exit")
     mode.add_argument("--watch", action="store_true", help="keep running and re-apply on change (default)")
-    run.add_argument("--interval", type=float, default=2.0, help="seconds between checks of DIR")
+    run.add_argument(
+        "--interval", type=float, default=2.0, help="seconds between checks of DIR without file events"
+    )
     proxy = run.add_argument_group("proxy (also set by CC_PROXY_* variables, as for cloud-connector-proxy)")
     proxy.add_argument("--bind", help="listen address (default 0.0.0.0)")
     proxy.add_argument("--mqtt-port", type=int, help="plain MQTT port for devices (default 1883, 0: off)")
@@ -97,6 +100,10 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"run: {e}", file=sys.stderr)
         return 2
+    if not args.once:
+        # The proxy's loop shares the interpreter with the reconciler's worker threads (reading
+        # DIR, the store): a thread must hand the GIL back within 0.5 ms, not Python's 5 ms.
+        sys.setswitchinterval(SWITCH_INTERVAL)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(
             run_command(

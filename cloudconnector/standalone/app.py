@@ -58,7 +58,22 @@ async def standalone(
     def publish(routes: list[Route]) -> None:
         directory.replace([route_transform(r) for r in routes] if route_transform else routes)
 
-    runner = Runner(manifests, store, keys.writer, pool, secrets, on_routes=publish, on_device=on_device)
+    def change(routes: list[Route], removed: list[ObjectRef]) -> None:
+        for route in routes:
+            directory.put(route_transform(route) if route_transform else route)
+        for ref in removed:
+            directory.remove(ref)
+
+    runner = Runner(
+        manifests,
+        store,
+        keys.writer,
+        pool,
+        secrets,
+        on_routes=publish,
+        on_route_changes=change,
+        on_device=on_device,
+    )
     try:
         yield Standalone(runner, store, keys, directory, pool)
     finally:

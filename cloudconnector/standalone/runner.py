@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cloudconnector import api, schema
 from cloudconnector.core.conflicts import Peer, PeerIndex
@@ -47,7 +48,9 @@ CREDENTIALS_RETRY = 60.0
 # renewals, failures to retry. DIR is not read for it: file events say when that is needed.
 IDLE_RECHECK = 60.0
 
+T = TypeVar("T")
 RoutesSink = Callable[[list[Route]], None]
+RouteChangeSink = Callable[[list[Route], list[ObjectRef]], None]  # (added or changed, removed)
 DeviceSink = Callable[[ObjectRef, Mapping[str, Any]], None]
 
 
@@ -103,6 +106,7 @@ class Runner:
         *,
         concurrency: int = 32,
         on_routes: RoutesSink | None = None,
+        on_route_changes: RouteChangeSink | None = None,
         on_device: DeviceSink | None = None,
     ) -> None:
         self.directory = directory
@@ -116,8 +120,10 @@ class Runner:
         # in a worker thread (the store is shared with threads).
         self._slicer = Slicer()
         self._applied: dict[tuple[str, str, str], tuple[str, Mapping[str, Any]]] = {}
-        self._published: list[Route] | None = None
+        self._published: dict[ObjectRef, Route] = {}
+        self._pass_cache: dict[tuple[str, str, str], tuple[StoredObject | None, Any]] = {}
         self._on_routes = on_routes
+        self._on_route_changes = on_route_changes
         self._on_device = on_device
         self._not_before: dict[str, float] = {}  # device key -> monotonic time of next retry
         self._failed: dict[str, int] = {}  # device key -> generation that failed permanently
@@ -227,6 +233,7 @@ class Runner:
 
     async def _devices_pass(self, removed: Callable[[StoredObject], bool], result: PassResult) -> None:
         objects, peers = await asyncio.to_thread(self._peers, removed)
+        self._pass_cache.clear()
         now = time.monotonic()
         tasks: list[Coroutine[Any, Any, None]] = []
         for obj in objects:
@@ -260,6 +267,18 @@ class Runner:
             for job in pending:  # only after a bug raised out of a worker
                 job.close()
 
+    def _once_per_pass(
+        self, kind: str, ref: ObjectRef, parse: Callable[[Mapping[str, Any]], T]
+    ) -> tuple[StoredObject | None, T | None]:
+        """A Group or Endpoint as stored, read and parsed once per devices' pass: thousands of
+        Devices share a few, and nothing in that pass changes them."""
+        key = (kind, ref.namespace, ref.name)
+        if key not in self._pass_cache:
+            obj = self.store.get(kind, ref)
+            self._pass_cache[key] = (obj, parse(obj.body) if obj is not None else None)
+        found: tuple[StoredObject | None, T | None] = self._pass_cache[key]
+        return found
+
     def _peers(self, removed: Callable[[StoredObject], bool]) -> tuple[list[StoredObject], PeerIndex]:
         """Every Device and the identity index of the live ones (in a worker thread)."""
         objects = self.store.list(api.KIND_DEVICE)
@@ -273,14 +292,14 @@ class Runner:
 
     async def _reconcile_device(self, obj: StoredObject, peers: PeerIndex, result: PassResult) -> None:
         namespace = obj.ref.namespace
-        group_obj = self.store.get(api.KIND_GROUP, ObjectRef(namespace, obj.body["spec"]["group"]))
-        group = parse_group(group_obj.body) if group_obj is not None else None
-        endpoint_obj = (
-            self.store.get(api.KIND_ENDPOINT, ObjectRef(namespace, group.endpoint))
-            if group is not None
-            else None
+        _, group = self._once_per_pass(
+            api.KIND_GROUP, ObjectRef(namespace, obj.body["spec"]["group"]), parse_group
         )
-        endpoint = parse_endpoint(endpoint_obj.body) if endpoint_obj is not None else None
+        endpoint_obj, endpoint = (
+            self._once_per_pass(api.KIND_ENDPOINT, ObjectRef(namespace, group.endpoint), parse_endpoint)
+            if group is not None
+            else (None, None)
+        )
         try:
             # The thing name carries the prefix of the Endpoint it is made at, as in the operator.
             device = parse_device(obj.body, thing_prefix=_prefix(endpoint))
@@ -404,23 +423,38 @@ class Runner:
         return found
 
     def publish_routes(self) -> None:
+        """Hand the proxy every route at once (replacing its directory)."""
+        routes = self.routes()
+        self._published = {r.device: r for r in routes}
         if self._on_routes is not None:
-            self._published = self.routes()
-            self._on_routes(self._published)
+            self._on_routes(routes)
 
     async def _publish(self) -> None:
-        """Hand the routes to the proxy when they changed; built and compared in a worker thread."""
-        if self._on_routes is None:
+        """Hand the proxy the routes that changed, compared in a worker thread. One by one, in
+        slices, where the sink takes changes: replacing a directory of thousands at once holds
+        the loop for tens of milliseconds."""
+        if self._on_routes is None and self._on_route_changes is None:
             return
 
-        def changed() -> list[Route] | None:
-            routes = self.routes()
-            return None if routes == self._published else routes
+        def diff() -> tuple[dict[ObjectRef, Route], list[Route], list[ObjectRef]]:
+            routes = {r.device: r for r in self.routes()}
+            put = [r for ref, r in routes.items() if self._published.get(ref) != r]
+            return routes, put, [ref for ref in self._published if ref not in routes]
 
-        routes = await asyncio.to_thread(changed)
-        if routes is not None:
-            self._published = routes
-            self._on_routes(routes)
+        routes, put, gone = await asyncio.to_thread(diff)
+        if not put and not gone:
+            return
+        self._published = routes
+        if self._on_route_changes is None:
+            assert self._on_routes is not None
+            self._on_routes(list(routes.values()))
+            return
+        for route in put:
+            await self._slicer.pause()
+            self._on_route_changes([route], [])
+        for ref in gone:
+            await self._slicer.pause()
+            self._on_route_changes([], [ref])
 
     # -- loops -----------------------------------------------------------------------------
 
@@ -468,9 +502,23 @@ class Runner:
                     else:
                         if result.retry_in is not None:
                             due = time.monotonic() + min(result.retry_in, IDLE_RECHECK)
+                    _settle_heap()
                 await files.wait(due - time.monotonic() if snap is not None else IDLE_RECHECK)
         finally:
             files.close()
+
+
+def _settle_heap() -> None:
+    """Take what survived a pass out of the collector's view (as the proxy does at start-up).
+
+    A full collection walks every tracked object under the GIL, relays included: at thousands of
+    Devices that paused the loop for 50-150 ms (bench/standalone_stall.py). Young garbage is
+    collected first; what is frozen is still freed when no longer referenced, only a reference
+    cycle among frozen objects would outlive its use (none was found after passes, see
+    docs/benchmarks.md).
+    """
+    gc.collect(1)
+    gc.freeze()
 
 
 def _prefix(endpoint: Endpoint | None) -> str:

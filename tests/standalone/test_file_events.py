@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cloudconnector.model import ObjectRef
 from cloudconnector.standalone import runner as runner_module
 from cloudconnector.standalone.app import Standalone
 from cloudconnector.standalone.watch import DirWatch, signature
@@ -124,5 +125,29 @@ async def test_idle_passes_do_not_read_the_directory(
         while not [r for r in caplog.records if "devices.yaml" in r.getMessage()]:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         assert ready(instance) == ["meter-0000", "meter-0001"]  # a bad file removes nothing
+    finally:
+        watcher.cancel()
+
+
+@linux_only
+async def test_proxy_directory_follows_edits_device_by_device(site: Site, instance: Standalone) -> None:
+    site.standard(2)
+    revoked: list[ObjectRef] = []
+    instance.directory.subscribe(revoked.append)
+    watcher = asyncio.create_task(instance.runner.watch(interval=3600))
+    first, second, third = (ObjectRef(site.namespace, f"meter-{i:04d}") for i in range(3))
+
+    async def routed(refs: set[ObjectRef]) -> None:
+        while {r.device for r in instance.directory.routes()} != refs:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+    try:
+        await asyncio.wait_for(routed({first, second}), 30)
+        assert revoked == []
+        site.write("devices.yaml", [site.device(1), site.device(2)])  # first out, third in
+        await asyncio.wait_for(routed({second, third}), 30)
+        assert revoked == [first]  # only the removed device's session is ended
+        route = instance.directory.get(third)
+        assert route is not None and instance.directory.by_iccid(route.iccid) == route
     finally:
         watcher.cancel()
