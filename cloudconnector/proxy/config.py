@@ -8,7 +8,10 @@ proxy without touching the environment. Each field ``name`` is read from ``CC_PR
   ``TLS_RELOAD_SECONDS`` when the files change.
 - ``TRUSTED_PROXIES``: comma-separated CIDRs of load balancers that must send a PROXY header.
 - ``IDENTITY``: ``ip`` (default), ``client_id`` and/or ``username`` (equal to the ICCID), in order.
-- ``CONNECT_TIMEOUT``, ``UPSTREAM_TIMEOUT`` (seconds), ``MAX_CONNECTIONS``, ``MAX_PACKET_SIZE``.
+- ``CONNECT_TIMEOUT``, ``UPSTREAM_TIMEOUT`` (seconds), ``MAX_CONNECTIONS``.
+- ``MAX_PACKET_SIZE``: a cap over every Endpoint's packet limit (``limits.py``); unset, none.
+- ``MAX_CONNECT_SIZE``, ``MAX_UNIDENTIFIED_BYTES``: what a connection may send, and all connections
+  together may have buffered, before the device is identified (``preauth.py``).
 - ``DEFAULT_CA_FILE``: trust for endpoints without ``caCertificate`` (e.g. Amazon Root CA 1);
   the system trust store when unset.
 - ``HTTP_BIND``, ``HTTP_PORT`` (9090): ``/healthz``, ``/readyz``, ``/metrics``.
@@ -23,8 +26,6 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
-
-from cloudconnector.mqtt.codec import DEFAULT_MAX_SIZE
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 IDENTITY_MODES = ("ip", "client_id", "username")
@@ -44,7 +45,9 @@ class ProxyConfig:
     upstream_timeout: float = 10.0  # TCP + TLS to the cloud, and its CONNACK
     dns_cache_seconds: float = 10.0  # how long an endpoint's addresses are reused; 0: every time
     max_connections: int = 10_000
-    max_packet_size: int = DEFAULT_MAX_SIZE
+    max_packet_size: int | None = None  # a cap over every Endpoint's own limit; None: no cap
+    max_connect_size: int = 16 * 1024  # the first packet, read before the device is known
+    max_unidentified_bytes: int = 32 * 1024 * 1024  # held by all not-yet-identified connections
     default_ca_file: str | None = None  # trust for endpoints without caCertificate; else system
     http_bind: str = "0.0.0.0"
     http_port: int | None = 9090  # /healthz /readyz /metrics; None: off
@@ -55,6 +58,8 @@ class ProxyConfig:
         for mode in self.identity:
             if mode not in IDENTITY_MODES:
                 raise ValueError(f"identity mode {mode!r} is not one of {', '.join(IDENTITY_MODES)}")
+        if self.max_connect_size < 128 or self.max_unidentified_bytes < self.max_connect_size:
+            raise ValueError("max_connect_size must be at least 128, max_unidentified_bytes at least that")
         if self.tls_port is not None and not (self.tls_cert_file and self.tls_key_file):
             raise ValueError("the TLS listener needs tls_cert_file and tls_key_file")
 
@@ -83,7 +88,9 @@ _PARSERS: dict[str, Any] = {
     "dns_cache_seconds": float,
     "drain_seconds": float,
     "max_connections": int,
-    "max_packet_size": int,
+    "max_packet_size": lambda t: int(t) if t.strip() else None,
+    "max_connect_size": int,
+    "max_unidentified_bytes": int,
     "log_json": _bool,
 }
 

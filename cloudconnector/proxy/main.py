@@ -12,48 +12,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from cloudconnector.errors import ConnectorError
 from cloudconnector.proxy.config import ProxyConfig, from_mapping
 from cloudconnector.proxy.health import make_app, start_http
+from cloudconnector.proxy.logs import JsonFormatter, configure_logging
+
+__all__ = ["JsonFormatter", "configure_logging", "main", "parse_args", "run"]
 
 log = logging.getLogger("cloudconnector.proxy")
-
-_STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message and the record's extra fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for key, value in vars(record).items():
-            if key not in _STANDARD:
-                out[key] = value
-        if record.exc_info and record.exc_info[0] is not None:
-            out["error"] = record.exc_info[0].__name__  # the type only: tracebacks may carry data
-        return json.dumps(out, default=str)
-
-
-def configure_logging(as_json: bool, level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if as_json:
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[ProxyConfig, argparse.Namespace]:

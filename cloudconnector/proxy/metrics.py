@@ -43,6 +43,18 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.oversized = Counter(
+            "cloudconnector_proxy_oversized_packets",
+            "Packets over the session's size limit: from the device they end the session, from the cloud"
+            " they are dropped.",
+            ["direction"],
+            registry=r,
+        )
+        self.unidentified_bytes = Gauge(
+            "cloudconnector_proxy_unidentified_bytes",
+            "Bytes buffered by connections whose device is not identified yet.",
+            registry=r,
+        )
         self.revoked = Counter(
             "cloudconnector_proxy_sessions_revoked", "Sessions ended by a directory change.", registry=r
         )

@@ -5,19 +5,26 @@ Where the endpoint needs no rewriting (AWS, a plain MQTT broker), each chunk goe
 session or per chunk. A coroutine pump costs about 70 tracked objects per idle session and a
 future per read; with thousands of sessions that is memory, and full garbage collections long
 enough to show in the latency tail (docs/benchmarks.md, section 6). Packets are still framed by a
-``FrameScanner`` so a malformed or oversized packet ends the session, and counted for metrics.
+``FrameScanner``, and counted for metrics: a malformed packet ends the session, and so does one
+from the device over the session's size limit (MQTT 5: DISCONNECT 0x95 first); one from the
+cloud over the limit is cut out of the stream and the session goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from cloudconnector.errors import short
-from cloudconnector.mqtt.codec import FrameScanner, MalformedPacket
+from cloudconnector.mqtt.codec import FrameScanner, MalformedPacket, PacketTooLarge, encode
+from cloudconnector.mqtt.packets import MQTT_5
+from cloudconnector.proxy.limits import Limits, too_large_disconnect
 from cloudconnector.proxy.metrics import DOWN, UP, Metrics
 from cloudconnector.proxy.openssl_private import stream_buffer
+
+DropHook = Callable[[int, int], None]  # (size, limit) of a packet from the cloud that was dropped
 
 WRITE_HIGH_WATER = 64 * 1024  # asyncio's own default high-water mark
 FLUSH_EVERY = 1.0  # seconds between counter updates: a locked increment per chunk is measurable
@@ -32,32 +39,54 @@ class Pipe(asyncio.Protocol):
     """Reads one transport (``src``, whose protocol it becomes) and writes the other (``dst``)."""
 
     __slots__ = (
-        "_bytes", "_count_bytes", "_count_msgs", "_direction", "_flush_at", "_msgs", "_scanner",
-        "dst", "ended", "origin", "src",
+        "_bytes", "_count_bytes", "_count_msgs", "_count_oversized", "_direction", "_flush_at", "_msgs",
+        "_on_drop", "_scanner", "device_level", "dst", "ended", "origin", "other", "src",
     )  # fmt: skip
 
     def __init__(
-        self, metrics: Metrics, direction: str, max_packet_size: int, origin: asyncio.BaseProtocol
+        self,
+        metrics: Metrics,
+        direction: str,
+        max_packet_size: int,
+        origin: asyncio.BaseProtocol,
+        on_drop: DropHook | None = None,
     ) -> None:
         self._direction = direction
         self._scanner = FrameScanner(max_packet_size)
         self._count_bytes = metrics.bytes.labels(direction)
         self._count_msgs = metrics.messages.labels(direction)
+        self._count_oversized = metrics.oversized.labels(direction)
+        self._on_drop = on_drop  # set: oversized packets are dropped (from the cloud), else fatal
         self._bytes = self._msgs = 0
         self._flush_at = time.monotonic() + FLUSH_EVERY
         self.origin = origin  # the stream protocol it replaces, told of the close (wait_closed)
         self.src: Any = None
         self.dst: Any = None
         self.ended: asyncio.Future[str] | None = None
+        self.other: Pipe | None = None  # the opposite direction
+        self.device_level = 0  # the device's MQTT level, for the DISCONNECT before a cut
 
     def data_received(self, data: bytes) -> None:
         try:
-            self._msgs += self._scanner.feed(data)
+            if self._on_drop is None:
+                self._msgs += self._scanner.feed(data)
+            else:
+                dropped = self._scanner.dropped
+                msgs, data = self._scanner.filter(data)
+                self._msgs += msgs
+                if self._scanner.dropped != dropped:
+                    self._count_oversized.inc(self._scanner.dropped - dropped)
+                    self._on_drop(self._scanner.last_dropped, self._scanner.max_size)
+        except PacketTooLarge as e:
+            self._count_oversized.inc()
+            self._too_large(e)
+            return
         except MalformedPacket as e:
             self._end(f"sent a bad packet: {e}")
             return
         self._bytes += len(data)
-        self.dst.write(data)
+        if data:
+            self.dst.write(data)
         if (now := time.monotonic()) >= self._flush_at:
             self.flush()
             self._flush_at = now + FLUSH_EVERY
@@ -82,6 +111,13 @@ class Pipe(asyncio.Protocol):
             self._count_bytes.inc(self._bytes)
             self._count_msgs.inc(self._msgs)
             self._bytes = self._msgs = 0
+
+    def _too_large(self, e: PacketTooLarge) -> None:
+        # The device learns why (MQTT 5), unless the cloud's stream to it is mid-packet.
+        other = self.other
+        if self.device_level == MQTT_5 and other is not None and other._scanner.at_boundary():
+            self.src.write(encode(too_large_disconnect(e.size, e.limit), MQTT_5))
+        self._end(f"sent a packet of {e.size} bytes, over the limit of {e.limit}")
 
     def _end(self, what: str) -> None:
         if self.ended is not None and not self.ended.done():
@@ -110,16 +146,20 @@ def take_buffered(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
 
 async def relay_bytes(
     metrics: Metrics,
-    max_packet_size: int,
+    limits: Limits,
     device: tuple[asyncio.StreamReader, asyncio.StreamWriter],
     cloud: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    device_level: int,
+    on_drop: DropHook,
 ) -> str:
     """Relay until either side ends; returns why. Cancelling it leaves closing to the caller."""
     loop = asyncio.get_running_loop()
     ended: asyncio.Future[str] = loop.create_future()
     dev_t, up_t = device[1].transport, cloud[1].transport
-    up = Pipe(metrics, UP, max_packet_size, dev_t.get_protocol())
-    down = Pipe(metrics, DOWN, max_packet_size, up_t.get_protocol())
+    up = Pipe(metrics, UP, limits.up, dev_t.get_protocol())
+    down = Pipe(metrics, DOWN, limits.down, up_t.get_protocol(), on_drop)
+    up.other, down.other = down, up
+    up.device_level = device_level
     try:
         # Cloud first: the CONNACK is already with the device, and the cloud may have sent more.
         down_data, down_eof = take_buffered(cloud[0])

@@ -21,11 +21,13 @@ from cloudconnector.model import ObjectRef
 from cloudconnector.proxy.config import ProxyConfig
 from cloudconnector.proxy.credentials import file_stamp, server_context
 from cloudconnector.proxy.directory import Revocations, normalize_ip
+from cloudconnector.proxy.logs import describe
 from cloudconnector.proxy.memory import settle_startup_objects, tune_allocator
 from cloudconnector.proxy.metrics import Metrics
+from cloudconnector.proxy.preauth import Gate, GatedReader
 from cloudconnector.proxy.proxyproto import ProxyHeaderError, read_proxy_header
 from cloudconnector.proxy.resolver import Resolver
-from cloudconnector.proxy.session import Deps, serve
+from cloudconnector.proxy.session import Deps, serve, source_unknown
 from cloudconnector.proxy.upstream_tls import ContextCache
 from cloudconnector.routes import Directory, Route
 
@@ -50,7 +52,11 @@ class Proxy:
         self.metrics = metrics or Metrics()
         contexts = ContextCache(config.default_ca_file)
         resolver = Resolver(config.dns_cache_seconds)
-        self.deps = Deps(config, directory, keys, self.metrics, self._track, contexts, resolver)
+        self.deps = Deps(
+            config, directory, keys, self.metrics, self._track, contexts, resolver, self.live_sessions
+        )
+        self.gate = Gate(config.max_unidentified_bytes)  # bytes of connections not yet identified
+        self.metrics.unidentified_bytes.set_function(lambda: self.gate.held)
         self.ports: dict[str, int] = {}  # "mqtt"/"tls" -> bound port (useful with port 0)
         self.accepting = False
         self._sockets: list[socket.socket] = []
@@ -152,11 +158,23 @@ class Proxy:
             try:
                 conn, addr = await loop.sock_accept(lsock)
             except OSError as e:  # e.g. EMFILE: back off instead of spinning
-                log.warning("accept failed", extra={"reason": str(e)})
+                log.warning("accept failed: %s", describe(e), extra={"reason": describe(e)})
                 await asyncio.sleep(0.1)
                 continue
             if len(self._connections) >= self.config.max_connections:
                 self.metrics.attempts.labels("limit").inc()
+                conn.close()
+                continue
+            if tls and not self._trusted(addr[0]) and source_unknown(self.deps, normalize_ip(addr[0])):
+                # IP mode: no device has this address, and without a handshake nothing can be
+                # answered; refusing before it spends neither memory nor a key exchange on it.
+                self.metrics.attempts.labels("unknown_device").inc()
+                reason = "no ready device has this address (refused before the TLS handshake)"
+                log.info(
+                    "device refused: %s",
+                    reason,
+                    extra={"peer": normalize_ip(addr[0]), "result": "unknown_device", "reason": reason},
+                )
                 conn.close()
                 continue
             task = asyncio.create_task(self._handle(conn, addr[0], tls))
@@ -175,7 +193,7 @@ class Proxy:
                     if self._trusted(peer):
                         header = await read_proxy_header(conn)
                         peer = normalize_ip(header.source) if header.source else peer
-                    reader = asyncio.StreamReader(limit=2**16)
+                    reader = GatedReader(self.gate)
                     protocol = asyncio.StreamReaderProtocol(reader)
                     transport, _ = await loop.connect_accepted_socket(
                         lambda: protocol, conn, ssl=self._tls if tls else None
@@ -184,7 +202,10 @@ class Proxy:
             except (ProxyHeaderError, TimeoutError, OSError, ssl.SSLError, ValueError) as e:
                 result = "bad_proxy_header" if isinstance(e, ProxyHeaderError | ValueError) else "handshake"
                 self.metrics.attempts.labels(result).inc()
-                log.info("connection dropped", extra={"peer": peer, "result": result, "reason": str(e)})
+                reason = describe(e)
+                log.info(
+                    "connection dropped: %s", reason, extra={"peer": peer, "result": result, "reason": reason}
+                )
                 conn.close()
                 return
             await serve(self.deps, reader, writer, peer)

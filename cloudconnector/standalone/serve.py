@@ -2,7 +2,9 @@
 
 The proxy takes the same ``CC_PROXY_*`` settings as the cluster's proxy (TLS listener, PROXY
 protocol, identity modes, health and metrics port); the command line overrides the common ones.
-Unlike in a cluster, only the plain MQTT listener is on by default.
+Unlike in a cluster, only the plain MQTT listener is on by default, and logs are plain text
+unless ``CC_PROXY_LOG_JSON`` is set; either way in the format ``cloud-connector-proxy`` writes
+(``proxy/logs.py``), with the same fields.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from cloudconnector.keystore.base import KeyReader
 from cloudconnector.proxy.config import ProxyConfig, from_mapping
 from cloudconnector.proxy.directory import StaticDirectory
 from cloudconnector.proxy.health import make_app, start_http
+from cloudconnector.proxy.logs import configure_logging
 from cloudconnector.proxy.server import Proxy
 from cloudconnector.standalone.app import report, standalone
 
@@ -71,6 +74,9 @@ async def run_command(
     proxy: ProxyConfig | None,
     limit: float,
 ) -> int:
+    if proxy is not None:
+        # The whole process logs like the cluster's proxy, at the level the command line chose.
+        configure_logging(proxy.log_json, logging.getLogger().getEffectiveLevel())
     async with standalone(manifests, state_dir) as sa:
         logger.info("key store: %s; state: %s", sa.keys.kind, state_dir)
         if once:
@@ -91,7 +97,7 @@ async def run_command(
         async with contextlib.AsyncExitStack() as stack:
             if proxy is not None and (proxy.mqtt_port is not None or proxy.tls_port is not None):
                 server = await stack.enter_async_context(proxy_server(sa.directory, sa.keys.reader, proxy))
-                logger.info("proxy listening on %s: %s", proxy.bind, server.ports)
+                logger.info("proxy listening on %s", proxy.bind, extra={"ports": dict(server.ports)})
             watcher = asyncio.create_task(sa.runner.watch(interval))
             await stop.wait()
             watcher.cancel()

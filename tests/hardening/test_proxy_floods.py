@@ -145,9 +145,11 @@ def test_flood_beyond_the_limit_is_refused_while_a_device_keeps_working(
         admin.subscribe(f"{route.client_id}/#", 1)
         dev = Client("steady", bind=route.ip or "")
         assert dev.connect(pt.port) == 0
-        # Fill the rest of the capacity with silent connections on both listeners.
+        # Fill the rest of the capacity with silent connections on both listeners, from a device's
+        # address (any other is refused at once on the TLS port).
         for i in range(limit - 1):
-            idle.append(socket.create_connection(("127.0.0.1", pt.tls_port if i % 2 else pt.port)))
+            port = pt.tls_port if i % 2 else pt.port
+            idle.append(socket.create_connection(("127.0.0.1", port), source_address=(route.ip or "", 0)))
         wait_for(lambda: open_connections(pt) == limit, what="capacity filled")
 
         for n in range(40):

@@ -257,6 +257,14 @@ class Runner:
             yield s
 
     def run(self, case: Case, ip: str) -> None:
+        if case.tls and case.kind == "unknown":
+            # IP mode: an address no device has is closed before the TLS handshake.
+            with socket.create_connection(
+                ("127.0.0.1", self.proxy.tls_port), timeout=CLOSE_BOUND, source_address=(ip, 0)
+            ) as raw:
+                send_quietly(raw, case.data)
+                assert closed_within(raw, CLOSE_BOUND, case) == b"", f"answered {case}"
+            return
         if case.tls and not case.after_connect and case.mutation == "random_bytes":
             # Garbage instead of a ClientHello: the handshake itself is the target.
             with socket.create_connection(

@@ -14,7 +14,7 @@ from cloudconnector.mqtt import codec
 from cloudconnector.mqtt.packets import Connect
 from cloudconnector.proxy.config import ProxyConfig, from_mapping
 from cloudconnector.proxy.health import make_app, start_http
-from cloudconnector.proxy.main import JsonFormatter
+from cloudconnector.proxy.logs import JsonFormatter
 from cloudconnector.proxy.server import Proxy
 from tests.proxy.conftest import Client, Pki, World, proxy_config
 

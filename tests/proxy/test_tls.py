@@ -62,10 +62,12 @@ def test_listener_certificate_reloaded(pki: Pki, world: World, tmp_path: Path) -
         proxy_config(pki, tls_cert_file=str(cert), tls_key_file=str(key), tls_reload_seconds=0.1), world
     )
     try:
+        # From a device's address: in IP mode any other is refused before the handshake.
+        source = (world.add().ip or "", 0)
 
         def served_cn() -> str:
             ctx = tls_client(pki)
-            raw = socket.create_connection(("127.0.0.1", pt.tls_port), timeout=10)
+            raw = socket.create_connection(("127.0.0.1", pt.tls_port), timeout=10, source_address=source)
             with ctx.wrap_socket(raw, server_hostname="localhost") as s:
                 subject = dict(x[0] for x in s.getpeercert()["subject"])  # type: ignore[index]
                 return str(subject["commonName"])

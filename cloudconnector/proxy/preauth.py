@@ -1,0 +1,167 @@
+"""A connection before the device is identified: its first packet, read with bounded memory.
+
+Until the proxy knows who is connecting, every byte it holds for a connection is held for whoever
+opened it, so:
+
+- the first byte must be CONNECT's (0x10), or the connection is closed at once;
+- a CONNECT may be at most ``max_connect_size`` bytes (default 16 KiB, many times what a client
+  id, credentials and a will need); a larger one is refused before its body is read (MQTT 5 with
+  CONNACK 0x95, 3.1.1 has no code for it and is closed);
+- everything held in the read buffers of connections not yet identified counts against one budget
+  for the process (``max_unidentified_bytes``): a connection whose data would exceed it is
+  aborted and its data dropped, so a flood costs at most the budget, not a CONNECT per connection;
+- in IP mode, an address that no Ready device has is answered from the first bytes of its CONNECT
+  (only enough to learn the protocol level of the refusal), and on the TLS port it is closed
+  before the handshake (``server.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+from cloudconnector.mqtt.codec import MalformedPacket, UnsupportedVersion, decode
+from cloudconnector.mqtt.packets import (
+    MQTT_5,
+    NOT_AUTHORIZED,
+    PACKET_TOO_LARGE,
+    UNSUPPORTED_VERSION,
+    Connack,
+    Connect,
+)
+from cloudconnector.proxy.config import ProxyConfig
+from cloudconnector.proxy.outcome import SessionEnd
+
+CONNECT_HEADER = 0x10  # CONNECT's type with its reserved flags, which must be zero
+READ_LIMIT = 4 * 1024  # stream buffer before identification: pauses reading at twice this
+IDENTIFIED_READ_LIMIT = 64 * 1024  # asyncio's default, once the device is known
+
+
+class BudgetExceeded(ConnectionError):
+    """Connections not yet identified already hold all the bytes the proxy allows them."""
+
+
+class Gate:
+    """The bytes held by all connections not yet identified, against one limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, n: int) -> bool:
+        if self.held + n > self.limit:
+            return False
+        self.held += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.held -= n
+
+
+class GatedReader(asyncio.StreamReader):
+    """A stream reader whose data counts against a :class:`Gate` until ``identified`` is called.
+
+    Data that would take the gate over its limit is not kept: the connection is aborted at once.
+    """
+
+    def __init__(self, gate: Gate) -> None:
+        super().__init__(limit=READ_LIMIT)
+        self._gate = gate
+        self._held = 0
+        self._gated = True
+
+    def feed_data(self, data: bytes) -> None:
+        if self._gated and data:
+            if not self._gate.take(len(data)):
+                limit = self._gate.limit
+                self.set_exception(BudgetExceeded(f"unidentified connections hold {limit} bytes, the limit"))
+                if self._transport is not None:
+                    self._transport.abort()
+                return
+            self._held += len(data)
+        super().feed_data(data)
+
+    def identified(self) -> None:
+        """The device is known (or the connection ended): its bytes no longer count."""
+        if self._gated:
+            self._gate.give(self._held)
+            self._held, self._gated = 0, False
+            self._limit = IDENTIFIED_READ_LIMIT
+
+
+async def _remaining_length(reader: asyncio.StreamReader) -> tuple[int, int]:
+    """The remaining length after a fixed header byte, and the packet's whole size."""
+    length = 0
+    for i in range(4):
+        byte = (await reader.readexactly(1))[0]
+        length |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            return length, 2 + i + length
+    raise MalformedPacket("remaining length longer than 4 bytes")
+
+
+async def _start(reader: asyncio.StreamReader) -> tuple[int, int]:
+    header = (await reader.readexactly(1))[0]
+    if header != CONNECT_HEADER:
+        raise SessionEnd("malformed", "first packet is not CONNECT")
+    return await _remaining_length(reader)
+
+
+async def _protocol_level(reader: asyncio.StreamReader, length: int) -> int:
+    """The level from the start of a CONNECT body (protocol name, then level): at most 9 bytes."""
+    if length < 2:
+        raise MalformedPacket("CONNECT truncated")
+    name_length = int.from_bytes(await reader.readexactly(2), "big")
+    if name_length not in (4, 6) or length < 2 + name_length + 1:
+        raise MalformedPacket("CONNECT without a known protocol name")
+    prefix = await reader.readexactly(name_length + 1)
+    if prefix[:-1] not in (b"MQTT", b"MQIsdp"):
+        raise MalformedPacket("CONNECT without a known protocol name")
+    return prefix[-1]
+
+
+async def read_connect(cfg: ProxyConfig, reader: asyncio.StreamReader) -> Connect:
+    """The device's CONNECT, read within the CONNECT timeout and the first-packet size limit."""
+    try:
+        async with asyncio.timeout(cfg.connect_timeout):  # unlike wait_for, no task per call
+            length, size = await _start(reader)
+            if size > cfg.max_connect_size:
+                level = await _protocol_level(reader, length)
+                answer = Connack(PACKET_TOO_LARGE) if level == MQTT_5 else None
+                reason = f"CONNECT of {size} bytes exceeds the first-packet limit of {cfg.max_connect_size}"
+                raise SessionEnd("connect_too_large", reason, answer, level)
+            body = await reader.readexactly(length) if length else b""
+        packet = decode(CONNECT_HEADER, body)
+    except TimeoutError:
+        raise SessionEnd("timeout", "no CONNECT in time") from None
+    except BudgetExceeded as e:
+        raise SessionEnd("overloaded", str(e)) from None
+    except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+        raise SessionEnd("closed", "closed before CONNECT") from None
+    except UnsupportedVersion as e:
+        raise SessionEnd("malformed", str(e), UNSUPPORTED_VERSION) from None
+    except MalformedPacket as e:
+        raise SessionEnd("malformed", str(e)) from None
+    assert isinstance(packet, Connect)
+    return packet
+
+
+async def refuse_unknown_source(cfg: ProxyConfig, reader: asyncio.StreamReader) -> SessionEnd:
+    """The refusal for an address no device has, in the device's protocol level, read from the
+    first bytes of its CONNECT and nothing more."""
+    reason = "no ready device has this address"
+    try:
+        async with asyncio.timeout(cfg.connect_timeout):
+            length, _ = await _start(reader)
+            level = await _protocol_level(reader, length)
+    except SessionEnd as end:  # not a CONNECT at all
+        return end
+    except TimeoutError:
+        return SessionEnd("unknown_device", f"{reason} (and no CONNECT in time)")
+    except BudgetExceeded as e:
+        return SessionEnd("overloaded", str(e))
+    except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+        return SessionEnd("unknown_device", f"{reason} (closed before CONNECT)")
+    except MalformedPacket as e:
+        return SessionEnd("malformed", str(e))
+    return SessionEnd("unknown_device", reason, NOT_AUTHORIZED, level)
