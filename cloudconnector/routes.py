@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from cloudconnector.core.inventory import Inventory, place
 from cloudconnector.errors import InvalidSpec
 from cloudconnector.identity import IdentityKey
 from cloudconnector.model import (
@@ -68,6 +69,12 @@ class Directory(Protocol):
     def by_ip(self, ip: str) -> Route | None: ...
 
     def by_iccid(self, iccid: str) -> Route | None: ...
+
+
+def route_of(inventory: Inventory, device: Mapping[str, Any]) -> Route | None:
+    """The route for a device body, joined with its Group and Endpoint from ``inventory``."""
+    placed = place(inventory, device)
+    return build_route(device, placed.group, placed.endpoint)
 
 
 def build_route(

@@ -11,6 +11,7 @@ import kopf
 from cloudconnector import api
 from cloudconnector.core.conditions import working_copy
 from cloudconnector.core.conflicts import Peer
+from cloudconnector.core.inventory import endpoint_name
 from cloudconnector.identity import Claim, claims
 from cloudconnector.model import Device, ObjectRef
 
@@ -66,9 +67,23 @@ def groups_on(groups: Mapping[Any, Any], namespace: str, endpoint: str) -> list[
     names = []
     for (ns, name), store in groups.items():
         for body in store:
-            if (
-                ns == namespace
-                and ((body.get("spec") or {}).get("endpointRef") or {}).get("name") == endpoint
-            ):
+            if ns == namespace and endpoint_name(body) == endpoint:
                 names.append(name)
     return names
+
+
+class IndexInventory:
+    """The :class:`~cloudconnector.core.inventory.Inventory` over kopf's indexes: Groups and
+    Endpoints of every watched namespace, without an API call."""
+
+    def __init__(self, groups_idx: Mapping[Any, Any], endpoints_idx: Mapping[Any, Any]) -> None:
+        self._groups = groups_idx
+        self._endpoints = endpoints_idx
+
+    def group(self, namespace: str, name: str) -> Body | None:
+        found: Body | None = one(self._groups, (namespace, name))
+        return found
+
+    def endpoint(self, namespace: str, name: str) -> Body | None:
+        found: Body | None = one(self._endpoints, (namespace, name))
+        return found

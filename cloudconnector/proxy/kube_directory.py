@@ -2,10 +2,11 @@
 
 It follows Devices, Groups and Endpoints in the proxy's :class:`~cloudconnector.identity.Scope`
 (one namespace, a list or pattern of them, or all), and after every change updates identity ->
-Route with :func:`cloudconnector.routes.build_route`, the one definition of which status fields
-make a device usable. Updates go through a :class:`StaticDirectory`, so a device that is deleted,
-stops being Ready, gets a new certificate or moves to another endpoint has its live session ended;
-an identity two devices claim is refused to both. The proxy only reads these resources: its RBAC
+Route with :func:`cloudconnector.routes.route_of` (the join of :mod:`cloudconnector.core.inventory`
+and the one definition of which status fields make a device usable). Updates go through a
+:class:`StaticDirectory`, so a device that is deleted, stops being Ready, gets a new certificate or
+moves to another endpoint has its live session ended; an identity two devices claim is refused to
+both. The proxy only reads these resources: its RBAC
 role needs list and watch, nothing else. A scope of several namespaces is watched cluster-wide and
 objects outside it are ignored, so the index holds exactly the namespaces the operator checks
 conflicts in.
@@ -19,12 +20,13 @@ from collections.abc import Callable
 from typing import Any
 
 from cloudconnector import api
+from cloudconnector.core.inventory import MemoryInventory, endpoint_name, group_name
 from cloudconnector.errors import short
 from cloudconnector.identity import Scope
 from cloudconnector.kube.client import KubeClient, KubeError, Resource
 from cloudconnector.model import ObjectRef
 from cloudconnector.proxy.directory import RevokeCallback, StaticDirectory
-from cloudconnector.routes import Route, build_route
+from cloudconnector.routes import Route, route_of
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ class KubeDirectory:
         self.on_change = on_change  # for tests and metrics: called after each rebuild
         self._index = StaticDirectory()
         self._objects: dict[str, dict[Key, Obj]] = {r.plural: {} for r in (DEVICES, GROUPS, ENDPOINTS)}
+        self._inventory = MemoryInventory(self._objects[GROUPS.plural], self._objects[ENDPOINTS.plural])
         self._listed: set[str] = set()
 
     @property
@@ -87,7 +90,9 @@ class KubeDirectory:
             try:
                 listing = await self.client.request("GET", res.path(self.namespace)) or {}
                 items = (o for o in listing.get("items") or [] if self._covers(o))
-                self._objects[res.plural] = {_key(o): o for o in items}
+                store = self._objects[res.plural]  # in place: the inventory holds these dicts
+                store.clear()
+                store.update((_key(o), o) for o in items)
                 self._listed.add(res.plural)
                 self._rebuild()
                 version = (listing.get("metadata") or {}).get("resourceVersion")
@@ -127,30 +132,18 @@ class KubeDirectory:
             for dkey, device in self._objects[DEVICES.plural].items():
                 if dkey[0] != namespace:
                     continue
-                group_name = str((device.get("spec") or {}).get("group") or "")
-                related = group_name if res is GROUPS else self._endpoint_of(namespace, group_name)
+                group = group_name(device)
+                related = (
+                    group if res is GROUPS else endpoint_name(self._inventory.group(namespace, group or ""))
+                )
                 if related == name:
                     self._refresh(dkey)
         if self.on_change is not None:
             self.on_change()
 
-    def _endpoint_of(self, namespace: str, group_name: str) -> str | None:
-        group = self._objects[GROUPS.plural].get((namespace, group_name))
-        if group is None:
-            return None
-        ref = ((group.get("spec") or {}).get("endpointRef") or {}).get("name")
-        return str(ref) if ref else None
-
     def _route(self, key: Key) -> Route | None:
         device = self._objects[DEVICES.plural].get(key)
-        if device is None:
-            return None
-        namespace = key[0]
-        group_name = str((device.get("spec") or {}).get("group") or "")
-        group = self._objects[GROUPS.plural].get((namespace, group_name))
-        endpoint_name = self._endpoint_of(namespace, group_name)
-        endpoint = self._objects[ENDPOINTS.plural].get((namespace, endpoint_name or ""))
-        return build_route(device, group, endpoint)
+        return None if device is None else route_of(self._inventory, device)
 
     def _refresh(self, key: Key) -> None:
         route = self._route(key)

@@ -24,6 +24,7 @@ from cloudconnector.core.conflicts import Peer, PeerIndex
 from cloudconnector.core.device import DeviceReconciler, has_identity
 from cloudconnector.core.endpoint import Usage, check_endpoint, set_revocable
 from cloudconnector.core.group import group_status
+from cloudconnector.core.inventory import MemoryInventory, endpoint_name
 from cloudconnector.core.provisioners import ProvisionerPool
 from cloudconnector.errors import (
     ConnectorError,
@@ -34,7 +35,7 @@ from cloudconnector.errors import (
 )
 from cloudconnector.keystore.base import KeyWriter
 from cloudconnector.model import Device, Endpoint, ObjectRef, parse_device, parse_endpoint, parse_group
-from cloudconnector.routes import Route, build_route
+from cloudconnector.routes import Route, route_of
 from cloudconnector.standalone.manifests import Manifest, ManifestError, Snapshot, load_dir
 from cloudconnector.standalone.slices import Slicer
 from cloudconnector.standalone.store import StateStore, StoredObject
@@ -222,7 +223,7 @@ class Runner:
         groups = {
             g.ref.name
             for g in self.store.list(api.KIND_GROUP, endpoint.ref.namespace)
-            if g.body.get("spec", {}).get("endpointRef", {}).get("name") == endpoint.ref.name
+            if endpoint_name(g.body) == endpoint.ref.name
         }
         users = [
             d
@@ -407,20 +408,12 @@ class Runner:
         self._applied.pop((kind, ref.namespace, ref.name), None)
 
     def routes(self) -> list[Route]:
-        groups = {(g.ref.namespace, g.ref.name): g.body for g in self.store.list(api.KIND_GROUP)}
-        endpoints = {(e.ref.namespace, e.ref.name): e.body for e in self.store.list(api.KIND_ENDPOINT)}
-        found = []
-        for dev in self.store.list(api.KIND_DEVICE):
-            group = groups.get((dev.ref.namespace, dev.body.get("spec", {}).get("group")))
-            endpoint = None
-            if group is not None:
-                endpoint = endpoints.get(
-                    (dev.ref.namespace, group.get("spec", {}).get("endpointRef", {}).get("name"))
-                )
-            route = build_route(dev.body, group, endpoint)
-            if route is not None:
-                found.append(route)
-        return found
+        inventory = MemoryInventory.of(
+            (g.body for g in self.store.list(api.KIND_GROUP)),
+            (e.body for e in self.store.list(api.KIND_ENDPOINT)),
+        )
+        found = (route_of(inventory, dev.body) for dev in self.store.list(api.KIND_DEVICE))
+        return [route for route in found if route is not None]
 
     def publish_routes(self) -> None:
         """Hand the proxy every route at once (replacing its directory)."""
