@@ -42,3 +42,54 @@ def test_every_recipe_is_created_by_the_server(kube: Kube, scenario: str) -> Non
         if ns:
             args += ["-n", ns]
         assert kube.kubectl(*args).stdout.strip(), obj["metadata"]["name"]
+
+
+FIXED_ADDRESSES = {
+    # Devices inside the cluster network dial a fixed cluster address.
+    "clusterIP": (
+        {"service": {"type": "ClusterIP", "clusterIP": "10.96.200.10"}},
+        "clusterIP",
+        "10.96.200.10",
+    ),
+    # A cloud load balancer asked for a reserved address.
+    "loadBalancerIP": (
+        {"service": {"type": "LoadBalancer", "loadBalancerIP": "198.18.8.3"}},
+        "loadBalancerIP",
+        "198.18.8.3",
+    ),
+    # Bare metal: an address routed to the nodes.
+    "externalIPs": (
+        {"service": {"type": "NodePort", "externalIPs": ["198.18.8.4"]}},
+        "externalIPs",
+        ["198.18.8.4"],
+    ),
+}
+
+
+@pytest.mark.parametrize("way", sorted(FIXED_ADDRESSES))
+def test_the_device_address_survives_upgrade_and_reinstall(kube: Kube, way: str) -> None:
+    values, field, expected = FIXED_ADDRESSES[way]
+    namespace = kube.namespace("addr")
+    release = "cc"
+    chart = load()
+
+    def service() -> dict:
+        rendered = render(chart, values, release=release, namespace=namespace)
+        (svc,) = [s for s in rendered.of_kind("Service") if not s["metadata"]["name"].endswith("-metrics")]
+        return svc
+
+    name = service()["metadata"]["name"]
+
+    def served() -> object:
+        return kube.request("GET", f"/api/v1/namespaces/{namespace}/services/{name}")["spec"].get(field)
+
+    apply_rendered(kube, render(chart, values, release=release, namespace=namespace), namespace)
+    assert served() == expected
+    # An upgrade that changes other settings keeps the address.
+    upgraded = {**values, "proxy": {"replicas": 4, "limits": {"maxConnections": 20000}}}
+    apply_rendered(kube, render(chart, upgraded, release=release, namespace=namespace), namespace)
+    assert served() == expected
+    # Uninstall and install again: the same address comes back.
+    kube.request("DELETE", f"/api/v1/namespaces/{namespace}/services/{name}")
+    apply_rendered(kube, render(chart, values, release=release, namespace=namespace), namespace)
+    assert served() == expected
