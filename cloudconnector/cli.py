@@ -104,17 +104,23 @@ def _run(args: argparse.Namespace) -> int:
         # The proxy's loop shares the interpreter with the reconciler's worker threads (reading
         # DIR, the store): a thread must hand the GIL back within 0.5 ms, not Python's 5 ms.
         sys.setswitchinterval(SWITCH_INTERVAL)
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(
-            run_command(
-                Path(args.filename),
-                _state_dir(args.state),
-                once=args.once,
-                interval=args.interval,
-                proxy=proxy,
-                limit=args.timeout,
+    from cloudconnector.errors import ConnectorError
+
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(
+                run_command(
+                    Path(args.filename),
+                    _state_dir(args.state),
+                    once=args.once,
+                    interval=args.interval,
+                    proxy=proxy,
+                    limit=args.timeout,
+                )
             )
-        )
+    except ConnectorError as e:  # at start-up: port taken, key store unreadable, ...
+        print(f"run: {e}", file=sys.stderr)
+        return 2
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
