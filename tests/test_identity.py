@@ -167,3 +167,20 @@ def test_route_carries_the_recorded_key_location() -> None:
     assert found.key_location == "vault:secret/elsewhere/tenant-a/meter" and found.ip == "10.0.0.1"
     del device["status"]["keyLocation"]  # type: ignore[attr-defined]
     assert (found := build_route(device, group, endpoint)) is not None and found.key_location is None
+
+
+def test_three_claimants_leave_one_by_one() -> None:
+    a, b, c = (route(ns, "m", "10.0.0.7", f"89353000000000000{i}") for i, ns in enumerate("abc"))
+    d = StaticDirectory([a, b])
+    revoked: list[ObjectRef] = []
+    d.subscribe(revoked.append)
+    d.put(c)  # a third claimant: every one of them is refused and its session ended
+    assert sorted(revoked, key=str) == [a.device, b.device, c.device]
+    d.remove(a.device)
+    with pytest.raises(AmbiguousIdentity) as caught:
+        d.by_ip("10.0.0.7")
+    assert caught.value.claimants == (b.device, c.device)
+    d.remove(b.device)
+    assert d.by_ip("10.0.0.7") == c and d.ambiguous() == {}
+    d.put(replace(c, ip="10.0.0.8"))  # moving away frees the old address entirely
+    assert d.by_ip("10.0.0.7") is None and d.by_ip("10.0.0.8") == d.get(c.device)

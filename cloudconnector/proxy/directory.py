@@ -56,7 +56,9 @@ class StaticDirectory:
 
     def __init__(self, routes: Iterable[Route] = ()) -> None:
         self._routes: dict[ObjectRef, Route] = {}
-        self._claimants: dict[Claim, dict[ObjectRef, Route]] = {}
+        # Identity key -> its one claimant, or all of them once there are several (the rare case
+        # gets the dict, so the index costs no more than one entry per key).
+        self._claims: dict[Claim, Route | dict[ObjectRef, Route]] = {}
         self._subscribers: list[RevokeCallback] = []
         self.replace(routes)
 
@@ -75,9 +77,9 @@ class StaticDirectory:
     def ambiguous(self) -> dict[Claim, tuple[ObjectRef, ...]]:
         """Every identity key claimed by more than one device, with its claimants."""
         return {
-            claim: tuple(sorted(holders, key=str))
-            for claim, holders in self._claimants.items()
-            if len(holders) > 1
+            claim: tuple(sorted(held, key=str))
+            for claim, held in self._claims.items()
+            if isinstance(held, dict)
         }
 
     def routes(self) -> list[Route]:
@@ -91,16 +93,16 @@ class StaticDirectory:
         ]
         before = self.ambiguous()
         self._routes = new
-        self._claimants = {}
+        self._claims = {}
         for route in new.values():
             self._index(route)
-        revoked += self._newly_ambiguous(before)
+        revoked += self._newly_ambiguous(before, list(self._claims))
         self._notify(list(dict.fromkeys(revoked)))
 
     def put(self, route: Route) -> None:
         """Add or update one device's route (constant time: the watch calls this per event)."""
         old = self._routes.get(route.device)
-        before = {c: refs for c in _claims(route) if len(refs := tuple(self._claimants.get(c, ()))) > 1}
+        before = {c: tuple(held) for c in _claims(route) if isinstance(held := self._claims.get(c), dict)}
         self._routes[route.device] = route
         if old is not None:
             self._unindex(old)
@@ -119,40 +121,47 @@ class StaticDirectory:
         return self._routes.get(device)
 
     def _lookup(self, claim: Claim) -> Route | None:
-        holders = self._claimants.get(claim)
-        if not holders:
-            return None
-        if len(holders) > 1:
-            raise AmbiguousIdentity(claim[0], claim[1], tuple(sorted(holders, key=str)))
-        return next(iter(holders.values()))
+        held = self._claims.get(claim)
+        if held is None or isinstance(held, Route):
+            return held
+        raise AmbiguousIdentity(claim[0], claim[1], tuple(sorted(held, key=str)))
 
     def _index(self, route: Route) -> None:
         for claim in _claims(route):
-            self._claimants.setdefault(claim, {})[route.device] = route
+            held = self._claims.get(claim)
+            if held is None or (isinstance(held, Route) and held.device == route.device):
+                self._claims[claim] = route
+            elif isinstance(held, Route):
+                self._claims[claim] = {held.device: held, route.device: route}
+            else:
+                held[route.device] = route
 
     def _unindex(self, route: Route) -> None:
         for claim in _claims(route):
-            holders = self._claimants.get(claim)
-            if holders is None:
-                continue
-            holders.pop(route.device, None)
-            if not holders:
-                del self._claimants[claim]
-            elif len(holders) == 1:
-                remaining = str(next(iter(holders)))
-                log.info("identity claimed once again", extra={"identity": claim[0], "device": remaining})
+            held = self._claims.get(claim)
+            if isinstance(held, Route):
+                if held.device == route.device:
+                    del self._claims[claim]
+            elif held is not None:
+                held.pop(route.device, None)
+                if len(held) == 1:
+                    (only,) = held.values()
+                    self._claims[claim] = only
+                    log.info(
+                        "identity claimed once again",
+                        extra={"identity": claim[0], "device": str(only.device)},
+                    )
 
     def _newly_ambiguous(
-        self, before: dict[Claim, tuple[ObjectRef, ...]], where: Iterable[Claim] | None = None
+        self, before: dict[Claim, tuple[ObjectRef, ...]], where: Iterable[Claim]
     ) -> list[ObjectRef]:
         """Claimants of keys that became ambiguous: their live sessions must end. Logged once per
         key, with the claimants (the value itself may be an ICCID: it stays out of the log)."""
-        keys = self._claimants.keys() if where is None else where
         revoked: list[ObjectRef] = []
-        for claim in keys:
-            holders = self._claimants.get(claim) or {}
-            if len(holders) > 1 and set(before.get(claim, ())) != set(holders):
-                refs = sorted(holders, key=str)
+        for claim in where:
+            held = self._claims.get(claim)
+            if isinstance(held, dict) and set(before.get(claim, ())) != set(held):
+                refs = sorted(held, key=str)
                 devices = ", ".join(map(str, refs))
                 log.warning(
                     "%s identity claimed by several devices (%s): refused to all of them",
