@@ -10,15 +10,18 @@ opened it, so:
 - everything held in the read buffers of connections not yet identified counts against one budget
   for the process (``max_unidentified_bytes``): a connection whose data would exceed it is
   aborted and its data dropped, so a flood costs at most the budget, not a CONNECT per connection;
-- in IP mode, an address that no Ready device has is answered from the first bytes of its CONNECT
-  (only enough to learn the protocol level of the refusal), and on the TLS port it is closed
-  before the handshake (``server.py``).
+- in IP mode, an address that no Ready device has is refused before a stream is set up for it:
+  on the plain port answered from the first bytes of its CONNECT, read off the raw socket (only
+  enough to learn the protocol level of the refusal), on the TLS port closed before the handshake.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import ssl
+from dataclasses import dataclass
 
 from cloudconnector.mqtt.codec import MalformedPacket, UnsupportedVersion, decode
 from cloudconnector.mqtt.packets import (
@@ -146,22 +149,71 @@ async def read_connect(cfg: ProxyConfig, reader: asyncio.StreamReader) -> Connec
     return packet
 
 
-async def refuse_unknown_source(cfg: ProxyConfig, reader: asyncio.StreamReader) -> SessionEnd:
-    """The refusal for an address no device has, in the device's protocol level, read from the
-    first bytes of its CONNECT and nothing more."""
+async def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    buf = b""
+    while len(buf) < n:
+        chunk = await loop.sock_recv(sock, n - len(buf))
+        if not chunk:
+            raise asyncio.IncompleteReadError(buf, n)
+        buf += chunk
+    return buf
+
+
+@dataclass(frozen=True)
+class SourceRefusal:
+    end: SessionEnd
+    level: int | None = None  # the protocol level to answer in; None: not answered
+    rest: int = 0  # the bytes of the CONNECT after its level, still unread
+
+
+async def unknown_source_refusal(sock: socket.socket, deadline: float) -> SourceRefusal:
+    """For an address no device has, on the plain port: the refusal and the protocol level to
+    answer in, read with exact-size ``recv`` calls on the raw socket, so that not a byte past the
+    level (at most 14) is ever read, whatever the peer sent."""
     reason = "no ready device has this address"
     try:
-        async with asyncio.timeout(cfg.connect_timeout):
-            length, _ = await _start(reader)
-            level = await _protocol_level(reader, length)
-    except SessionEnd as end:  # not a CONNECT at all
-        return end
+        async with asyncio.timeout_at(deadline):  # the loop's clock
+            header = (await _recv_exact(sock, 1))[0]
+            if header != CONNECT_HEADER:
+                return SourceRefusal(SessionEnd("malformed", "first packet is not CONNECT"))
+            length = 0
+            for i in range(4):
+                byte = (await _recv_exact(sock, 1))[0]
+                length |= (byte & 0x7F) << (7 * i)
+                if not byte & 0x80:
+                    break
+            else:
+                raise MalformedPacket("remaining length longer than 4 bytes")
+            name_length = int.from_bytes(await _recv_exact(sock, 2), "big")
+            if name_length not in (4, 6) or length < 2 + name_length + 1:
+                raise MalformedPacket("CONNECT without a known protocol name")
+            prefix = await _recv_exact(sock, name_length + 1)
+            if prefix[:-1] not in (b"MQTT", b"MQIsdp"):
+                raise MalformedPacket("CONNECT without a known protocol name")
     except TimeoutError:
-        return SessionEnd("unknown_device", f"{reason} (and no CONNECT in time)")
-    except BudgetExceeded as e:
-        return SessionEnd("overloaded", str(e))
-    except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
-        return SessionEnd("unknown_device", f"{reason} (closed before CONNECT)")
+        return SourceRefusal(SessionEnd("unknown_device", f"{reason} (and no CONNECT in time)"))
+    except (asyncio.IncompleteReadError, OSError):
+        return SourceRefusal(SessionEnd("unknown_device", f"{reason} (closed before CONNECT)"))
     except MalformedPacket as e:
-        return SessionEnd("malformed", str(e))
-    return SessionEnd("unknown_device", reason, NOT_AUTHORIZED, level)
+        return SourceRefusal(SessionEnd("malformed", str(e)))
+    level = prefix[-1]
+    end = SessionEnd("unknown_device", reason, NOT_AUTHORIZED, level)
+    return SourceRefusal(end, level, length - 2 - name_length - 1)
+
+
+async def discard(sock: socket.socket, n: int, deadline: float) -> None:
+    """Read and drop up to ``n`` bytes before ``deadline``, a few KiB at a time.
+
+    Closing a socket with unread bytes sends a reset, which may destroy the answer just sent
+    before the peer reads it; draining the rest of its CONNECT first lets it close normally.
+    """
+    loop = asyncio.get_running_loop()
+    buf = memoryview(bytearray(min(n, 4096)))
+    with contextlib.suppress(TimeoutError, OSError):
+        async with asyncio.timeout_at(deadline):
+            while n > 0:
+                got = await loop.sock_recv_into(sock, buf[: min(n, len(buf))])
+                if not got:
+                    return
+                n -= got

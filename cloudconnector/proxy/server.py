@@ -20,20 +20,25 @@ from collections.abc import Iterator
 from cloudconnector.errors import PermanentError
 from cloudconnector.keystore.base import KeyReader
 from cloudconnector.model import ObjectRef
+from cloudconnector.mqtt.codec import encode
+from cloudconnector.mqtt.packets import refusal
 from cloudconnector.proxy.config import ProxyConfig
 from cloudconnector.proxy.credentials import file_stamp, server_context
 from cloudconnector.proxy.directory import Revocations, normalize_ip
 from cloudconnector.proxy.logs import describe
 from cloudconnector.proxy.memory import settle_startup_objects, tune_allocator
 from cloudconnector.proxy.metrics import Metrics
-from cloudconnector.proxy.preauth import Gate, GatedReader
+from cloudconnector.proxy.outcome import SessionEnd
+from cloudconnector.proxy.preauth import Gate, GatedReader, discard, unknown_source_refusal
 from cloudconnector.proxy.proxyproto import ProxyHeaderError, read_proxy_header
 from cloudconnector.proxy.resolver import Resolver
-from cloudconnector.proxy.session import Deps, serve, source_unknown
+from cloudconnector.proxy.session import Deps, serve
 from cloudconnector.proxy.upstream_tls import ContextCache
 from cloudconnector.routes import Directory, Route
 
 log = logging.getLogger("cloudconnector.proxy")
+
+LINGER_SECONDS = 1.0  # after refusing an unknown address: how long the rest of its CONNECT may take
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -171,17 +176,8 @@ class Proxy:
                 self.metrics.attempts.labels("limit").inc()
                 conn.close()
                 continue
-            if tls and not self._trusted(addr[0]) and source_unknown(self.deps, normalize_ip(addr[0])):
-                # IP mode: no device has this address, and without a handshake nothing can be
-                # answered; refusing before it spends neither memory nor a key exchange on it.
-                self.metrics.attempts.labels("unknown_device").inc()
-                reason = "no ready device has this address (refused before the TLS handshake)"
-                log.info(
-                    "device refused: %s",
-                    reason,
-                    extra={"peer": normalize_ip(addr[0]), "result": "unknown_device", "reason": reason},
-                )
-                conn.close()
+            if tls and not self._trusted(addr[0]) and self._unknown_source(normalize_ip(addr[0])):
+                self._refuse_before_handshake(conn, normalize_ip(addr[0]))  # no task for it at all
                 continue
             task = asyncio.create_task(self._handle(conn, addr[0], tls))
             self._connections.add(task)
@@ -194,11 +190,19 @@ class Proxy:
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer = normalize_ip(addr)
+            deadline = loop.time() + self.config.connect_timeout  # PROXY header and TLS handshake
             try:
-                async with asyncio.timeout(self.config.connect_timeout):
-                    if self._trusted(peer):
+                if self._trusted(peer):
+                    async with asyncio.timeout_at(deadline):
                         header = await read_proxy_header(conn)
-                        peer = normalize_ip(header.source) if header.source else peer
+                    peer = normalize_ip(header.source) if header.source else peer
+                if self._unknown_source(peer):
+                    if tls:
+                        self._refuse_before_handshake(conn, peer)
+                    else:
+                        await self._refuse_from_level(conn, peer, deadline)
+                    return
+                async with asyncio.timeout_at(deadline):
                     reader = GatedReader(self.gate)
                     protocol = asyncio.StreamReaderProtocol(reader)
                     transport, _ = await loop.connect_accepted_socket(
@@ -217,6 +221,46 @@ class Proxy:
             await serve(self.deps, reader, writer, peer)
         finally:
             self.metrics.open_connections.dec()
+
+    def _unknown_source(self, peer: str) -> bool:
+        """In IP mode only: no Ready device has this address, so nothing the peer could send would
+        change the answer. (An address several devices claim is not unknown: it gets its own
+        refusal once its CONNECT is read.)"""
+        if self.config.identity != ("ip",):
+            return False
+        try:
+            return self.directory.by_ip(peer) is None
+        except LookupError:
+            return False
+
+    def _refused(self, end: SessionEnd, peer: str, level: int | None) -> None:
+        self.metrics.attempts.labels(end.result).inc()
+        fields: dict[str, object] = {"peer": peer, "result": end.result, "reason": end.reason}
+        if level is not None:
+            fields["mqtt"] = level
+        log.info("device refused: %s", end.reason, extra=fields)
+
+    def _refuse_before_handshake(self, conn: socket.socket, peer: str) -> None:
+        # Without the handshake nothing can be answered; refusing before it spends neither memory
+        # nor a key exchange on an address that no device has.
+        reason = "no ready device has this address (closed before the TLS handshake)"
+        self._refused(SessionEnd("unknown_device", reason), peer, None)
+        conn.close()
+
+    async def _refuse_from_level(self, conn: socket.socket, peer: str, deadline: float) -> None:
+        """CONNACK "not authorized" in the device's protocol level, read off the raw socket."""
+        refused = await unknown_source_refusal(conn, deadline)
+        end, level = refused.end, refused.level
+        if level is not None and isinstance(end.answer, dict):
+            with contextlib.suppress(OSError):
+                conn.send(encode(refusal(end.answer, level), level))  # 4 or 5 bytes: never blocks
+            # The rest of an ordinary CONNECT, so the close is not a reset; never more than a
+            # CONNECT may be, nor for more than a second.
+            loop = asyncio.get_running_loop()
+            linger = min(deadline, loop.time() + LINGER_SECONDS)
+            await discard(conn, min(refused.rest, self.config.max_connect_size), linger)
+        self._refused(end, peer, level)
+        conn.close()
 
     async def _reload_tls_loop(self) -> None:
         cfg = self.config

@@ -50,7 +50,7 @@ from cloudconnector.proxy.logs import describe
 from cloudconnector.proxy.metrics import DOWN, UP, Metrics
 from cloudconnector.proxy.outcome import SessionEnd
 from cloudconnector.proxy.pipe import ended_reason, relay_bytes
-from cloudconnector.proxy.preauth import GatedReader, read_connect, refuse_unknown_source
+from cloudconnector.proxy.preauth import GatedReader, read_connect
 from cloudconnector.proxy.resolver import Resolver
 from cloudconnector.proxy.transform import Relay, SessionTransform, TransformError, transform_for
 from cloudconnector.proxy.upstream_tls import ContextCache, device_connection, open_tls
@@ -110,17 +110,6 @@ def identify(deps: Deps, connect: Connect, peer_ip: str | None) -> tuple[Route |
     return None, ""
 
 
-def source_unknown(deps: Deps, peer_ip: str | None) -> bool:
-    """In IP mode only: no Ready device has this address, so nothing the peer sends can change
-    the answer. (An address several devices claim is not unknown: it gets its own refusal.)"""
-    if deps.config.identity != ("ip",) or not peer_ip:
-        return False
-    try:
-        return deps.directory.by_ip(peer_ip) is None
-    except LookupError:
-        return False
-
-
 async def serve(
     deps: Deps, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str | None
 ) -> None:
@@ -130,8 +119,6 @@ async def serve(
     fields: dict[str, object] = {"peer": peer}
     level = MQTT_311  # the device's protocol level, once known
     try:
-        if source_unknown(deps, peer):
-            raise await refuse_unknown_source(deps.config, reader)
         connect = await read_connect(deps.config, reader)
         level = connect.protocol_level
         fields["mqtt"] = level
