@@ -90,6 +90,22 @@ class Progress(TypedDict, total=False):
     rotation: dict[str, object]
 
 
+class ConnectionRecord(TypedDict, total=False):
+    """``status.connection``: the device's live connection, written by the proxy serving it."""
+
+    connected: bool
+    since: str
+    lastSeen: str
+    proxy: str
+    mqttVersion: str  # "3.1.1" or "5"
+    transport: str  # "Plain" or "TLS"
+    messagesUp: int
+    messagesDown: int
+    bytesUp: int
+    bytesDown: int
+    tlsBytesSaved: int
+
+
 class DeviceStatus(TypedDict, total=False):
     phase: str  # a DevicePhase
     message: str
@@ -108,6 +124,7 @@ class DeviceStatus(TypedDict, total=False):
     manualSecret: str
     rotation: RotationRecord
     progress: Progress
+    connection: ConnectionRecord  # written by the proxy, never by the operator
 
 
 class EndpointStatus(TypedDict, total=False):

@@ -80,6 +80,7 @@ STATUS_FIELDS = {
         "progress",
         "rotation",
         "manualSecret",
+        "connection",
     },
     "Endpoint": {"phase", "host", "port", "conditions", "observedGeneration"},
     "Group": {"endpoint", "total", "provisioned", "failed", "pending", "conditions", "observedGeneration"},
@@ -95,6 +96,8 @@ PRINTER_COLUMNS = {
         ("Endpoint", ".status.endpoint", 0),
         ("Cloud ID", ".status.cloudId", 0),
         ("Step", ".status.step", 0),
+        ("Connected", ".status.connection.connected", 0),
+        ("Last Seen", ".status.connection.lastSeen", 0),
         ("IP", ".spec.ip", 1),
         ("ICCID", ".spec.sim.iccid", 1),
         ("Age", ".metadata.creationTimestamp", 0),
@@ -241,7 +244,10 @@ def test_printer_columns(kind: str) -> None:
             continue
         node = _node_at(root, column["jsonPath"])
         assert node is not None, f"column {column['name']} points at {column['jsonPath']}, not in the schema"
-        assert node["type"] == column["type"], column["name"]
+        if column["type"] == "date":  # a date column shows an RFC 3339 string as an age
+            assert (node["type"], node.get("format")) == ("string", "date-time"), column["name"]
+        else:
+            assert node["type"] == column["type"], column["name"]
 
 
 def test_endpoint_type_enum_matches_the_model() -> None:
