@@ -7,6 +7,8 @@
     or ``off`` (the default) runs one operator alone, needing no kopf.dev CRDs.
 ``CLOUDCONNECTOR_NAMESPACE_SCANNING``
     ``off`` disables kopf's dynamic namespace/CRD scanning (needs no cluster-wide list rights).
+    Default: off when ``CLOUDCONNECTOR_NAMESPACES`` names plain namespaces only (nothing to
+    resolve, and a namespaced install may not list namespaces), else on.
 ``CLOUDCONNECTOR_ENDPOINT_RECHECK``
     Seconds between credential checks of each Endpoint (default 300).
 ``CLOUDCONNECTOR_STATUS_INTERVAL``
@@ -59,12 +61,14 @@ class OperatorConfig:
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
         env = os.environ if env is None else env
         peering = env.get("CLOUDCONNECTOR_PEERING", "off").strip()
+        listed = env.get("CLOUDCONNECTOR_NAMESPACES", "").split(",")
+        namespaces = tuple(n.strip() for n in listed if n.strip())
+        globs = not namespaces or any(c in n for n in namespaces for c in "*?[!")
+        scanning = env.get("CLOUDCONNECTOR_NAMESPACE_SCANNING", "on" if globs else "off")
         return cls(
-            namespaces=tuple(
-                n.strip() for n in env.get("CLOUDCONNECTOR_NAMESPACES", "").split(",") if n.strip()
-            ),
+            namespaces=namespaces,
             peering=None if peering.lower() in OFF else peering,
-            namespace_scanning=env.get("CLOUDCONNECTOR_NAMESPACE_SCANNING", "on").strip().lower() not in OFF,
+            namespace_scanning=scanning.strip().lower() not in OFF,
             endpoint_recheck=_seconds(env, "CLOUDCONNECTOR_ENDPOINT_RECHECK", 300.0),
             status_interval=_seconds(env, "CLOUDCONNECTOR_STATUS_INTERVAL", 10.0),
             conflict_recheck=_seconds(env, "CLOUDCONNECTOR_CONFLICT_RECHECK", 15.0),

@@ -45,16 +45,19 @@ WAITING_PHASES = (dev.PENDING, dev.CONFLICT)
 
 
 class KopfReporter:
-    """Core reports become Kubernetes events on the object (kopf also logs them)."""
+    """Core reports become Kubernetes events on the object, and log lines (the reconcilers report
+    a problem once, when it appears, so each is logged once)."""
 
     def __init__(self, body: Mapping[str, Any]) -> None:
         self._body = body
 
     def info(self, reason: str, message: str) -> None:
         kopf.info(self._body, reason=reason, message=message)
+        logger.info("%s: %s", reason, message)
 
     def warn(self, reason: str, message: str) -> None:
         kopf.warn(self._body, reason=reason, message=message)
+        logger.warning("%s: %s", reason, message)
 
 
 def _runtime(memo: kopf.Memo) -> Runtime:

@@ -21,13 +21,13 @@ from cloudconnector import api
 from cloudconnector.kube import KubeClient, KubeConfig
 from cloudconnector.kube.client import KubeError
 from cloudconnector.kube.config import kopf_connection_info
-from cloudconnector.operator import handlers, indexes, logs, preflight
+from cloudconnector.operator import handlers, indexes, logs, preflight, protection
 from cloudconnector.operator.config import OFF, OperatorConfig
 from cloudconnector.operator.runtime import Runtime, SecretAccess, build_pool
 
 logger = logging.getLogger("cloudconnector.operator")
 
-__all__ = ["handlers", "indexes", "main"]
+__all__ = ["handlers", "indexes", "main", "protection"]
 
 
 @kopf.on.login()
