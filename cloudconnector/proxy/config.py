@@ -17,6 +17,9 @@ proxy without touching the environment. Each field ``name`` is read from ``CC_PR
 - ``HTTP_BIND``, ``HTTP_PORT`` (9090): ``/healthz``, ``/readyz``, ``/metrics``.
 - ``DRAIN_SECONDS``: on SIGTERM, live sessions are closed spread over this time.
 - ``LOG_JSON``: one JSON object per log line (default true).
+- ``CONNECTION_STATUS`` (default true), ``STATUS_INTERVAL`` (60 s), ``STATUS_WRITES_PER_SECOND``
+  (20): each Device's live connection in its ``status.connection``, within that write budget
+  (``presence.py``); ``POD_NAME`` names this proxy there (default: the host name).
 """
 
 from __future__ import annotations
@@ -53,6 +56,10 @@ class ProxyConfig:
     http_port: int | None = 9090  # /healthz /readyz /metrics; None: off
     drain_seconds: float = 10.0  # on SIGTERM: spread closing live sessions over this time
     log_json: bool = True
+    connection_status: bool = True  # write status.connection (presence.py)
+    status_interval: float = 60.0  # least seconds between two counter refreshes of one device
+    status_writes_per_second: float = 20.0  # all status writes of this proxy together
+    pod_name: str | None = None  # who wrote status.connection; None: the host name
 
     def __post_init__(self) -> None:
         for mode in self.identity:
@@ -92,6 +99,9 @@ _PARSERS: dict[str, Any] = {
     "max_connect_size": int,
     "max_unidentified_bytes": int,
     "log_json": _bool,
+    "connection_status": _bool,
+    "status_interval": float,
+    "status_writes_per_second": float,
 }
 
 

@@ -52,10 +52,13 @@ def test_rbac_has_no_wildcards_or_escalation(rendered: Rendered) -> None:
             assert rule["verbs"] == ["get"], where
 
 
-def test_proxy_only_reads_the_custom_resources(rendered: Rendered) -> None:
+def test_proxy_reads_the_custom_resources_and_writes_only_connection_status(rendered: Rendered) -> None:
     for where, rule in _rules(rendered):
         if "-proxy" in where:
             assert rule["apiGroups"] == ["cloudconnector.io"], where
+            if rule["resources"] == ["devices/status"]:  # status.connection, never spec
+                assert rule["verbs"] == ["patch"], where
+                continue
             assert set(rule["resources"]) == {"endpoints", "groups", "devices"}, where
             assert set(rule["verbs"]) == {"get", "list", "watch"}, where
 
