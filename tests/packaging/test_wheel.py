@@ -287,10 +287,17 @@ def _reader_token(kube: Kube, ns: str) -> str:
 
 
 def test_run_provisions_the_demo_fleet_on_moto(user: Venv, moto_server: Moto) -> None:
-    user.install("proxy,aws")
     moto_server.reset()
     site, state = user.home / "site", user.home / "state"
     write_manifests(site, moto_server.url, DemoCA().cert_pem, 3)
+    # Without [aws] the AWS Endpoint cannot be served; the run says which extra, and nothing is made.
+    user.install("proxy")
+    no_aws = ("--once", "--timeout", "5", "--state", str(user.home / "no-aws"))
+    done = user.run("cloud-connector", "run", "-f", str(site), *no_aws)
+    assert done.returncode == 1
+    assert "AwsIotCore endpoints needs the aws extra" in done.stderr
+    assert "pip install 'cloud-connector[aws]'" in done.stderr
+    user.install("proxy,aws")
     done = user.run("cloud-connector", "run", "-f", str(site), "--once", "--state", str(state))
     assert done.returncode == 0, done.stderr[-2000:]
     table = user.run("cloud-connector", "status", "--state", str(state))
