@@ -28,6 +28,7 @@ DropHook = Callable[[int, int], None]  # (size, limit) of a packet from the clou
 
 WRITE_HIGH_WATER = 64 * 1024  # asyncio's own default high-water mark
 FLUSH_EVERY = 1.0  # seconds between counter updates: a locked increment per chunk is measurable
+LINGER_SECONDS = 1.0  # after a DISCONNECT to the device: how long its remaining bytes are dropped
 
 
 def ended_reason(direction: str, what: str) -> str:
@@ -39,8 +40,9 @@ class Pipe(asyncio.Protocol):
     """Reads one transport (``src``, whose protocol it becomes) and writes the other (``dst``)."""
 
     __slots__ = (
-        "_bytes", "_count_bytes", "_count_msgs", "_count_oversized", "_direction", "_flush_at", "_msgs",
-        "_on_drop", "_scanner", "device_level", "dst", "ended", "origin", "other", "src",
+        "_bytes", "_count_bytes", "_count_msgs", "_count_oversized", "_direction", "_flush_at",
+        "_last_words", "_msgs", "_on_drop", "_scanner", "device_level", "dst", "ended", "origin", "other",
+        "src",
     )  # fmt: skip
 
     def __init__(
@@ -65,8 +67,11 @@ class Pipe(asyncio.Protocol):
         self.ended: asyncio.Future[str] | None = None
         self.other: Pipe | None = None  # the opposite direction
         self.device_level = 0  # the device's MQTT level, for the DISCONNECT before a cut
+        self._last_words = ""  # set once a DISCONNECT was sent: why the session ends
 
     def data_received(self, data: bytes) -> None:
+        if self._last_words:
+            return  # after our DISCONNECT: dropped while the device reads it
         try:
             if self._on_drop is None:
                 self._msgs += self._scanner.feed(data)
@@ -115,11 +120,20 @@ class Pipe(asyncio.Protocol):
     def _too_large(self, e: PacketTooLarge) -> None:
         # The device learns why (MQTT 5), unless the cloud's stream to it is mid-packet.
         other = self.other
-        if self.device_level == MQTT_5 and other is not None and other._scanner.at_boundary():
-            self.src.write(encode(too_large_disconnect(e.size, e.limit), MQTT_5))
-        self._end(f"sent a packet of {e.size} bytes, over the limit of {e.limit}")
+        why = f"sent a packet of {e.size} bytes, over the limit of {e.limit}"
+        if self.device_level != MQTT_5 or other is None or not other._scanner.at_boundary():
+            self._end(why)
+            return
+        self.src.write(encode(too_large_disconnect(e.size, e.limit), MQTT_5))
+        # Closing now, with the rest of the packet unread, would reset the connection and could
+        # destroy the DISCONNECT before the device reads it: drop what it still sends for a moment
+        # (nothing more from the cloud), until it closes or the moment is over.
+        self._last_words = why
+        self.dst.pause_reading()
+        asyncio.get_running_loop().call_later(LINGER_SECONDS, self._end, why)
 
     def _end(self, what: str) -> None:
+        what = self._last_words or what
         if self.ended is not None and not self.ended.done():
             self.ended.set_result(ended_reason(self._direction, what))
 

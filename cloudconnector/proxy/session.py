@@ -39,6 +39,7 @@ from cloudconnector.mqtt.packets import (
 )
 from cloudconnector.proxy.config import ProxyConfig
 from cloudconnector.proxy.credentials import CredentialsUnusable, read_credentials
+from cloudconnector.proxy.divert import relay_diverted
 from cloudconnector.proxy.limits import (
     Limits,
     device_connack,
@@ -49,7 +50,7 @@ from cloudconnector.proxy.limits import (
 from cloudconnector.proxy.logs import describe
 from cloudconnector.proxy.metrics import DOWN, UP, Metrics
 from cloudconnector.proxy.outcome import SessionEnd
-from cloudconnector.proxy.pipe import ended_reason, relay_bytes
+from cloudconnector.proxy.pipe import LINGER_SECONDS, ended_reason, relay_bytes
 from cloudconnector.proxy.preauth import GatedReader, read_connect
 from cloudconnector.proxy.resolver import Resolver
 from cloudconnector.proxy.transform import Relay, SessionTransform, TransformError, transform_for
@@ -301,6 +302,9 @@ async def _relay(
 
     if not transform.packet_relay:
         device, cloud = (link.dev_reader, link.dev_writer), (link.up_reader, link.up_writer)
+        if getattr(transform, "divert", None):  # e.g. AWS: SUBSCRIBEs to the transform, PUBLISH as bytes
+            levels = (link.dev_level, link.up_level)
+            return await relay_diverted(deps.metrics, limits, device, cloud, levels, transform, dropped)
         return await relay_bytes(deps.metrics, limits, device, cloud, link.dev_level, dropped)
     up = _pump_packets(deps, link, UP, transform.from_device, limits.up, dropped)
     down = _pump_packets(deps, link, DOWN, transform.from_cloud, limits.down, dropped)
@@ -350,6 +354,10 @@ async def _pump_packets(
                 if direction == UP:
                     if link.dev_level == MQTT_5:
                         link.dev_writer.write(encode(too_large_disconnect(e.size, e.limit), MQTT_5))
+                        # The rest of the packet, dropped, so the close does not reset the answer.
+                        with contextlib.suppress(TimeoutError, asyncio.IncompleteReadError, OSError):
+                            async with asyncio.timeout(LINGER_SECONDS):
+                                await skip_bytes(src, e.unread)
                     return ended_reason(
                         direction, f"sent a packet of {e.size} bytes, over the limit of {e.limit}"
                     )

@@ -107,8 +107,9 @@ def test_api_server_takes_the_setting_within_bounds(kube: Kube) -> None:
 # ---------------------------------------------------------------- device to cloud
 
 
+@pytest.mark.parametrize("whole", [False, True], ids=["header-only", "whole-packet"])
 def test_mqtt5_device_is_told_the_limit_and_cut_with_0x95(
-    world: World, proxy: ProxyThread, admin: Client
+    world: World, proxy: ProxyThread, admin: Client, whole: bool
 ) -> None:
     route = world.add()
     admin.subscribe(f"{route.client_id}/#", 1)
@@ -118,7 +119,8 @@ def test_mqtt5_device_is_told_the_limit_and_cut_with_0x95(
     s.sendall(codec.encode(Publish(f"{route.client_id}/ok", b"fits", 1, packet_id=1), MQTT_5))
     assert read_one(s, MQTT_5).packet_id == 1  # type: ignore[union-attr]  # the broker's PUBACK
     assert admin.expect().payload == b"fits"
-    s.sendall(publish_head(f"{route.client_id}/big", 200_000))
+    # The whole packet, as a client sends it, or only its start (nothing left unread by the proxy).
+    s.sendall(publish_head(f"{route.client_id}/big", 200_000) + (b"b" * 200_000 if whole else b""))
     disconnect = read_one(s, MQTT_5)
     assert isinstance(disconnect, Disconnect) and disconnect.reason_code == 0x95
     reason = props(disconnect.properties)[Prop.REASON_STRING]
