@@ -231,7 +231,9 @@ async def measure(args: argparse.Namespace, d: Path, run: subprocess.Popen[bytes
             rows.append((name, await probing, f"applied after {took:.2f} s"))
     finally:
         await probe.close()
+    load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
     print(f"\ncloud-connector run, {args.devices} Devices, QoS 1 every {args.every * 1000:.0f} ms")
+    print(f"load average at the end (1 / 5 / 15 min): {load} on {os.cpu_count()} CPUs")
     print(f"{'phase':8} {'samples':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}  note")
     for name, samples, note in rows:
         print(
