@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cloudconnector.mqtt.codec import MalformedPacket, UnsupportedVersion, decode
@@ -72,14 +73,19 @@ class GatedReader(asyncio.StreamReader):
         self._gate = gate
         self._held = 0
         self._gated = True
+        self._abort: Callable[[], None] | None = None
+
+    def set_transport(self, transport: asyncio.BaseTransport) -> None:
+        super().set_transport(transport)
+        self._abort = getattr(transport, "abort", None)  # every stream transport has it (uvloop's too)
 
     def feed_data(self, data: bytes) -> None:
         if self._gated and data:
             if not self._gate.take(len(data)):
                 limit = self._gate.limit
                 self.set_exception(BudgetExceeded(f"unidentified connections hold {limit} bytes, the limit"))
-                if self._transport is not None:
-                    self._transport.abort()
+                if self._abort is not None:
+                    self._abort()
                 return
             self._held += len(data)
         super().feed_data(data)
@@ -89,6 +95,9 @@ class GatedReader(asyncio.StreamReader):
         if self._gated:
             self._gate.give(self._held)
             self._held, self._gated = 0, False
+            # StreamReader has no public way to change its limit; the attribute is its own
+            # constructor argument, stable since Python 3.4. A small limit before identification
+            # lets more connections share the budget; after it, asyncio's default reads faster.
             self._limit = IDENTIFIED_READ_LIMIT
 
 
