@@ -3,40 +3,98 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import TypeVar
 
 T = TypeVar("T")
+
+MAX_IN_FLIGHT = 128
+"""Most devices one Endpoint works on at once, whatever the rate and the cloud's latency (each
+holds a cloud-call thread while it waits for an answer, see ``clouds.aws_api.CALL_THREADS``)."""
+MIN_IN_FLIGHT = 4
+FIRST_GUESS = 2.0
+"""Seconds one device's work is assumed to take until the first ones have been measured."""
+HEADROOM = 1.5
+"""In-flight devices allowed per device the rate and the measured time need (Little's law), so a
+slower stretch does not at once hold the rate below the cap."""
 
 
 class RateLimiter:
     """A token bucket: at most ``rate`` acquisitions per second, with a burst of ``burst``.
 
     Waiters are served in arrival order (one lock), so a large Group cannot starve a small one
-    sharing the same Endpoint.
+    sharing the same Endpoint. :meth:`admit` also bounds how many devices are in flight: a device
+    that got its turn does all its steps while later ones wait, so devices finish in the order
+    they arrived, the N-th after about N / rate plus one device's own time, instead of all of them
+    advancing one step at a time together.
     """
 
-    def __init__(self, rate: float, burst: float = 1.0) -> None:
+    def __init__(
+        self,
+        rate: float,
+        burst: float = 1.0,
+        *,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        first_guess: float = FIRST_GUESS,
+    ) -> None:
         if rate <= 0:
             raise ValueError("rate must be positive")
         self.rate = rate
         self.burst = max(1.0, burst)
+        self.max_in_flight = max(1, max_in_flight)
         self._tokens = self.burst
         self._stamp = time.monotonic()
         self._lock = asyncio.Lock()
+        self._in_flight = 0
+        self._released = asyncio.Event()
+        self._device_time = first_guess  # moving average of one admitted device's work
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def in_flight_limit(self) -> int:
+        """Devices allowed at once: rate x measured time per device x headroom, within bounds."""
+        wanted = math.ceil(self.rate * self._device_time * HEADROOM) + 1
+        return min(self.max_in_flight, max(MIN_IN_FLIGHT, wanted))
 
     async def acquire(self) -> None:
+        """One token (one call, or one device that needs no slot)."""
         async with self._lock:
-            while True:
-                now = time.monotonic()
-                self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-                self._stamp = now
-                if self._tokens >= 1.0:
-                    self._tokens -= 1.0
-                    return
-                await asyncio.sleep((1.0 - self._tokens) / self.rate)
+            await self._take_token()
+
+    @asynccontextmanager
+    async def admit(self) -> AsyncIterator[None]:
+        """One device's turn: a token and an in-flight slot, in arrival order; the slot is held
+        until the block ends, whatever way it ends."""
+        async with self._lock:
+            while self._in_flight >= self.in_flight_limit:
+                self._released.clear()
+                await self._released.wait()
+            await self._take_token()
+            self._in_flight += 1
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            self._device_time = 0.8 * self._device_time + 0.2 * (time.monotonic() - started)
+            self._released.set()
+
+    async def _take_token(self) -> None:
+        while True:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            if self._tokens >= 1.0:
+                self._tokens -= 1.0
+                return
+            await asyncio.sleep((1.0 - self._tokens) / self.rate)
 
     def set_rate(self, rate: float) -> None:
         if rate > 0:

@@ -63,39 +63,41 @@ class AwsIotProvisioner:
     async def provision(
         self, device: Device, progress: Progress, checkpoint: Checkpoint, keys: KeyWriter
     ) -> CloudIdentity:
-        await self._limiter.acquire()
-        journal = Journal(progress, checkpoint)
-        await self._ensure_thing(device, journal)
-        await self._ensure_policy(journal)
-        cert = await self._certs.issue(device, journal, "certificate", keys)
-        return _identity(journal.p, cert)
+        async with self._limiter.admit():  # the whole device, not one call
+            journal = Journal(progress, checkpoint)
+            await self._ensure_thing(device, journal)
+            await self._ensure_policy(journal)
+            cert = await self._certs.issue(device, journal, "certificate", keys)
+            return _identity(journal.p, cert)
 
     async def rotate(
         self, device: Device, progress: Progress, checkpoint: Checkpoint, keys: KeyWriter
     ) -> CloudIdentity:
-        await self._limiter.acquire()
-        journal = Journal(progress, checkpoint)
-        p = journal.p
-        await self._ensure_thing(device, journal)
-        await self._ensure_policy(journal)
-        current = p.get("certificate") or {}
-        if not current.get("active"):
-            # Never finished provisioning: finishing it already yields a fresh certificate.
-            cert = await self._certs.issue(device, journal, "certificate", keys)
-            return _identity(p, cert)
-        already = device.rotate_token is not None and p.get("rotatedFor") == device.rotate_token
-        if already and not p.get("next") and not p.get("retiring"):
-            return _identity(p, current)
-        if not p.get("retiring"):
-            new = await self._certs.issue(device, journal, "next", keys)
-            # One checkpoint swaps the roles, so a crash cannot lose track of either certificate.
-            p.update(retiring=p["certificate"], certificate=new, next=None, rotatedFor=device.rotate_token)
+        async with self._limiter.admit():  # the whole device, not one call
+            journal = Journal(progress, checkpoint)
+            p = journal.p
+            await self._ensure_thing(device, journal)
+            await self._ensure_policy(journal)
+            current = p.get("certificate") or {}
+            if not current.get("active"):
+                # Never finished provisioning: finishing it already yields a fresh certificate.
+                cert = await self._certs.issue(device, journal, "certificate", keys)
+                return _identity(p, cert)
+            already = device.rotate_token is not None and p.get("rotatedFor") == device.rotate_token
+            if already and not p.get("next") and not p.get("retiring"):
+                return _identity(p, current)
+            if not p.get("retiring"):
+                new = await self._certs.issue(device, journal, "next", keys)
+                # One checkpoint swaps the roles, so a crash cannot lose track of either certificate.
+                p.update(
+                    retiring=p["certificate"], certificate=new, next=None, rotatedFor=device.rotate_token
+                )
+                await journal.save()
+            await self._certs.retire(p["retiring"], p)
+            p["retiring"] = None
             await journal.save()
-        await self._certs.retire(p["retiring"], p)
-        p["retiring"] = None
-        await journal.save()
-        log.info("Rotated the certificate of %s", device.ref)
-        return _identity(p, p["certificate"])
+            log.info("Rotated the certificate of %s", device.ref)
+            return _identity(p, p["certificate"])
 
     async def adopt(
         self,
@@ -105,39 +107,39 @@ class AwsIotProvisioner:
         checkpoint: Checkpoint,
         keys: KeyWriter,
     ) -> CloudIdentity:
-        await self._limiter.acquire()
-        journal = Journal(progress, checkpoint)
-        await self._ensure_thing(device, journal)
-        await self._ensure_policy(journal)
-        cert = await self._certs.issue(
-            device,
-            journal,
-            "certificate",
-            keys,
-            supplied=material,
-            register=device.register_manual_certificate,
-        )
-        return _identity(journal.p, cert)
+        async with self._limiter.admit():  # the whole device, not one call
+            journal = Journal(progress, checkpoint)
+            await self._ensure_thing(device, journal)
+            await self._ensure_policy(journal)
+            cert = await self._certs.issue(
+                device,
+                journal,
+                "certificate",
+                keys,
+                supplied=material,
+                register=device.register_manual_certificate,
+            )
+            return _identity(journal.p, cert)
 
     async def deprovision(self, device: Device, progress: Progress, checkpoint: Checkpoint) -> None:
-        await self._limiter.acquire()
-        journal = Journal(progress, checkpoint)
-        p = journal.p
-        for slot in ("next", "certificate", "retiring"):
-            if p.get(slot):
-                await self._certs.retire(p[slot], p)
-                p[slot] = None
+        async with self._limiter.admit():  # the whole device, not one call
+            journal = Journal(progress, checkpoint)
+            p = journal.p
+            for slot in ("next", "certificate", "retiring"):
+                if p.get(slot):
+                    await self._certs.retire(p[slot], p)
+                    p[slot] = None
+                    await journal.save()
+            if p.get("policyName"):
+                await self._delete_policy(p["policyName"])
+                p.update(policyName=None, policyReady=None)
                 await journal.save()
-        if p.get("policyName"):
-            await self._delete_policy(p["policyName"])
-            p.update(policyName=None, policyReady=None)
-            await journal.save()
-        if p.get("thingName"):
-            if p.get("thingOwned"):
-                await self._api.call("delete_thing", thingName=p["thingName"], tolerate=(AwsNotFound,))
-            p.update(thingName=None, thingArn=None, thingOwned=None)
-            await journal.save()
-        log.info("Removed the AWS IoT identity of %s", device.ref)
+            if p.get("thingName"):
+                if p.get("thingOwned"):
+                    await self._api.call("delete_thing", thingName=p["thingName"], tolerate=(AwsNotFound,))
+                p.update(thingName=None, thingArn=None, thingOwned=None)
+                await journal.save()
+            log.info("Removed the AWS IoT identity of %s", device.ref)
 
     async def aclose(self) -> None:
         self._api.close()
@@ -170,8 +172,9 @@ class AwsIotProvisioner:
         except AwsAlreadyExists:
             # Ours from a crashed run whose attributes have changed since; it is the same thing.
             arn = (await self._api.call("describe_thing", thingName=name))["thingArn"]
+        # Not checkpointed on its own: the policy step saves it next, before its own cloud call, and
+        # a resume that lost it gets the same thing again (AlreadyExists, then DescribeThing).
         p["thingArn"] = arn
-        await journal.save()
         log.info("Thing %s ready for %s", name, device.ref)
 
     async def _ensure_policy(self, journal: Journal) -> None:
@@ -188,8 +191,7 @@ class AwsIotProvisioner:
             current = await self._api.call("get_policy", policyName=name)
             if not same_document(current.get("policyDocument", ""), document):
                 await self._replace_policy(name, document)
-        p["policyReady"] = True
-        await journal.save()
+        p["policyReady"] = True  # saved with the certificate's first checkpoint (redone if lost)
 
     async def _replace_policy(self, name: str, document: str) -> None:
         """Make ``document`` the default version, dropping the others (AWS keeps at most five)."""

@@ -1,17 +1,24 @@
 """One boto3 IoT client per Endpoint, called from asyncio, with AWS errors turned into ours.
 
-boto3 is synchronous, so every call runs in a worker thread. Botocore's own retries are switched
-off: throttling is retried here with full-jitter backoff so that the waiting happens on the event
-loop (never in a thread) and so that running out of retries becomes a :class:`TransientError`
-("try this device again later"), never a failed device. Error texts name the operation and the
-AWS error code only; request payloads and AWS messages (which may quote request data) stay out.
+boto3 is synchronous, so every call runs in a worker thread of the cloud calls' own pool (not
+asyncio's default one, whose few threads would make the cloud's latency, not the Endpoint's rate
+limit, decide how fast devices are provisioned, and which Vault requests share). Botocore's own
+retries are switched off: throttling is retried here with full-jitter backoff so that the
+waiting happens on the event loop (never in a thread) and so that running out of retries becomes
+a :class:`TransientError` ("try this device again later"), never a failed device. Error texts
+name the operation and the AWS error code only; request payloads and AWS messages (which may
+quote request data) stay out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
+import threading
 from collections.abc import Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +32,24 @@ from botocore.exceptions import (  # type: ignore[import-untyped]
 )
 
 from cloudconnector.errors import CredentialsError, PermanentError, TransientError, short
-from cloudconnector.ratelimit import with_backoff
+from cloudconnector.ratelimit import MAX_IN_FLIGHT, with_backoff
+
+CALL_THREADS = MAX_IN_FLIGHT
+"""Threads for AWS calls, process-wide: one per device an Endpoint may have in flight (each waits
+for one answer at a time). A thread is started only when no idle one is free: a quiet operator
+keeps few."""
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def call_executor() -> ThreadPoolExecutor:
+    """The pool every :class:`IotApi` runs its blocking boto3 calls on."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=CALL_THREADS, thread_name_prefix="aws-call")
+        return _executor
+
 
 # AWS's answers to keys that are unknown, wrong, expired, revoked or lack a permission.
 CREDENTIAL_CODES = frozenset(
@@ -248,7 +272,7 @@ class IotApi:
             retries={"total_max_attempts": 1, "mode": "standard"},  # our backoff, not botocore's
             connect_timeout=timeout,
             read_timeout=timeout,
-            max_pool_connections=32,
+            max_pool_connections=CALL_THREADS,  # a kept connection for every calling thread
         )
         self._client = session.client("iot", endpoint_url=endpoint_url, config=config)
         self.used: set[str] = set()  # IAM action names called so far (see REQUIRED_IAM_ACTIONS)
@@ -272,7 +296,9 @@ class IotApi:
         self.used.add(f"iot:{self._client.meta.method_to_api_mapping[operation]}")
 
         async def attempt() -> dict[str, Any]:
-            result: dict[str, Any] = await asyncio.to_thread(method, **params)
+            # The caller's context (log fields naming the device) goes along into the thread.
+            run = functools.partial(contextvars.copy_context().run, method, **params)
+            result: dict[str, Any] = await asyncio.get_running_loop().run_in_executor(call_executor(), run)
             return result
 
         def retry_on(e: BaseException) -> bool:

@@ -48,10 +48,17 @@ class Journal:
     def __init__(self, progress: Progress, checkpoint: Checkpoint) -> None:
         self.p = progress
         self._checkpoint = checkpoint
+        self._saved = copy.deepcopy(progress)
 
     async def save(self) -> None:
         # A copy: the caller may keep what it is given while we go on changing ours.
+        self._saved = copy.deepcopy(self.p)
         await self._checkpoint(copy.deepcopy(self.p))
+
+    async def flush(self) -> None:
+        """Save what changed since the last save, if anything did."""
+        if self.p != self._saved:
+            await self.save()
 
     def slot(self, name: str) -> Slot:
         slot = self.p.get(name)
@@ -144,8 +151,7 @@ class Certificates:
         # so a crash before the store step retires this certificate on resume.
         if c.get("registered") and not c.get("active"):
             await self._api.call("update_certificate", certificateId=c["id"], newStatus="ACTIVE")
-            c["active"] = True
-            await journal.save()
+            c["active"] = True  # saved with "stored" below, see _attach
             log.info("Certificate %s of %s is active", c["id"][:16], device.ref)
         if not c.get("stored"):
             assert material is not None  # otherwise the slot was reset above
@@ -159,7 +165,7 @@ class Certificates:
                 metadata["certificateArn"] = c["arn"]
             stored = await keys.put(device.ref, material, metadata)
             c.update(stored=True, keyLocation=stored.location, keyVersion=stored.version)
-            await journal.save()
+        await journal.flush()
 
         return c
 
@@ -213,16 +219,18 @@ class Certificates:
         await journal.save()
 
     async def _attach(self, c: Slot, journal: Journal) -> None:
+        # The attachments and the activation are recorded with the "stored" checkpoint only: a
+        # resume that finds the id but not "stored" retires the certificate (or, if the key store
+        # has it, attaches and activates again, which AWS accepts as no-ops), so saving each of
+        # them on its own would cost three status writes per device and change no resume.
         if not c.get("policyAttached"):
             await self._api.call("attach_policy", policyName=journal.p["policyName"], target=c["arn"])
             c["policyAttached"] = True
-            await journal.save()
         if not c.get("thingAttached"):
             await self._api.call(
                 "attach_thing_principal", thingName=journal.p["thingName"], principal=c["arn"]
             )
             c["thingAttached"] = True
-            await journal.save()
 
     async def retire(self, c: Slot, p: Progress) -> None:
         """Detach, deactivate and delete one recorded certificate; each step tolerates "gone"."""

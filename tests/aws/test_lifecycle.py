@@ -168,7 +168,7 @@ async def test_adopt_resumed_with_other_material_registers_the_new_certificate(
 ) -> None:
     first_cert, first_key = self_signed("meter-0004")
     device = make_device(namespace, 4)
-    crashed = Recorder(crash_at=6)  # registered and recorded, nothing attached or stored yet
+    crashed = Recorder(crash_at=4)  # registered and recorded, nothing attached or stored yet
     with pytest.raises(Crash):
         await make_provisioner().adopt(device, KeyMaterial(first_cert, first_key), {}, crashed, keys)
     assert len(iot_inventory(iot)["certs"]) == 1
