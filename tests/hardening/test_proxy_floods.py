@@ -11,6 +11,7 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -192,3 +193,69 @@ def open_connections(pt: ProxyThread) -> float:
     return float(
         pt.run(lambda: pt.proxy.metrics.registry.get_sample_value("cloudconnector_proxy_open_connections"))
     )
+
+
+@pytest.mark.parametrize("identity", ["ip", "client_id"])
+def test_flood_of_huge_connects_costs_nothing_that_stays(
+    pki: Pki, world: World, admin: Client, records: Records, identity: str
+) -> None:
+    """The issue's flood at test size: huge CONNECTs but their last byte, from addresses no device
+    has, while a device publishes. Each is refused long before any timeout, the bytes held for
+    unidentified connections never pass the budget and all come back, and the device is untouched."""
+    budget = 4 * 1024 * 1024
+    pt = ProxyThread(
+        proxy_config(pki, connect_timeout=60.0, identity=(identity,), max_unidentified_bytes=budget), world
+    )
+    flood = 200
+    data = b"\x10\x80\x80\x10" + (b"\x00\x04MQTT\x04\x02\x00\x3c" + b"\x00" * 262_134)[:-1]  # 262,144 bytes
+    peak = [0]
+    dev: Client | None = None
+    try:
+        route = world.add()
+        admin.subscribe(f"{route.client_id}/#", 1)
+        dev = Client(route.iccid if identity == "client_id" else "steady", bind=route.ip or "")
+        assert dev.connect(pt.port) == 0
+
+        def one(n: int) -> bytes:
+            s = socket.create_connection(("127.0.0.1", pt.port), source_address=(f"127.0.7.{n % 250 + 2}", 0))
+            with s:
+                s.settimeout(20.0)  # far below the CONNECT timeout: a close seen is a refusal
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    s.sendall(data)
+                heard = b""
+                with contextlib.suppress(ConnectionResetError):
+                    while chunk := s.recv(64):
+                        heard += chunk
+                peak[0] = max(peak[0], int(pt.run(lambda: pt.proxy.gate.held)))
+                return heard
+
+        with ThreadPoolExecutor(50) as pool:
+            answers = pool.map(one, range(flood))
+            for n in range(5):
+                dev.publish(f"{route.client_id}/up", b"during flood %d" % n, 1)
+                assert admin.expect().payload == b"during flood %d" % n
+            heard = list(answers)
+        # IP mode answers "not authorized" from the protocol level; otherwise the CONNECT is over
+        # the first-packet limit, which MQTT 3.1.1 has no code for.
+        assert set(heard) == ({b"\x20\x02\x00\x05"} if identity == "ip" else {b""})
+        result = "unknown_device" if identity == "ip" else "connect_too_large"
+        refused = pt.run(
+            lambda: pt.proxy.metrics.registry.get_sample_value(
+                "cloudconnector_proxy_connections_total", {"result": result}
+            )
+        )
+        overloaded = pt.run(
+            lambda: pt.proxy.metrics.registry.get_sample_value(
+                "cloudconnector_proxy_connections_total", {"result": "overloaded"}
+            )
+        )
+        assert (refused or 0) + (overloaded or 0) == flood
+        assert peak[0] <= budget
+        wait_for(lambda: pt.run(lambda: pt.proxy.gate.held) == 0, what="every unidentified byte released")
+        wait_for(lambda: open_connections(pt) == 1, what="only the device left")
+        assert dev.disconnects.empty()
+        assert records.alarms() == []
+    finally:
+        if dev is not None:
+            dev.close()
+        pt.close()
