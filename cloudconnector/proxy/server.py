@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 
 from cloudconnector.errors import PermanentError
@@ -75,6 +76,8 @@ class Proxy:
         self._connections: set[asyncio.Task[None]] = set()
         self._live: dict[ObjectRef, set[asyncio.Task[None]]] = {}
         self._tls: ssl.SSLContext | None = None
+        self._limit_refusals = 0  # over max_connections since the last such log line
+        self._limit_logged_at = float("-inf")
         self._tls_stamp: tuple[tuple[int, int, int], ...] = ()
         if isinstance(directory, Revocations):
             directory.subscribe(self.revoke)
@@ -174,6 +177,7 @@ class Proxy:
                 continue
             if len(self._connections) >= self.config.max_connections:
                 self.metrics.attempts.labels("limit").inc()
+                self._over_limit(normalize_ip(addr[0]))
                 conn.close()
                 continue
             if tls and not self._trusted(addr[0]) and self._unknown_source(normalize_ip(addr[0])):
@@ -232,6 +236,19 @@ class Proxy:
             return self.directory.by_ip(peer) is None
         except LookupError:
             return False
+
+    def _over_limit(self, peer: str) -> None:
+        # Logged at most once a second, with the count: a flood must not become a flood of lines.
+        self._limit_refusals += 1
+        now = time.monotonic()
+        if now >= self._limit_logged_at + 1.0:
+            reason = f"{self.config.max_connections} connections open, the limit"
+            log.info(
+                "connections refused: %s",
+                reason,
+                extra={"peer": peer, "result": "limit", "reason": reason, "count": self._limit_refusals},
+            )
+            self._limit_refusals, self._limit_logged_at = 0, now
 
     def _refused(self, end: SessionEnd, peer: str, level: int | None) -> None:
         self.metrics.attempts.labels(end.result).inc()

@@ -167,6 +167,10 @@ def test_flood_beyond_the_limit_is_refused_while_a_device_keeps_working(
             )
         )
         assert refused == 40
+        # Said, with the reason, but not once per connection.
+        said = [r for r in records.records if r.getMessage().startswith("connections refused")]
+        assert said and len(said) < 40
+        assert all(r.result == "limit" and str(limit) in r.reason for r in said)  # type: ignore[attr-defined]
 
         for s in idle:
             s.close()
