@@ -504,6 +504,17 @@ async def endpoint_usage(
     **_: Any,
 ) -> None:
     """Keep the CredentialsRevocable condition current without calling the cloud."""
+    with about("Endpoint", namespace, name):
+        await _endpoint_usage_here(namespace, name, memo, groups_idx, devices_by_group)
+
+
+async def _endpoint_usage_here(
+    namespace: str,
+    name: str,
+    memo: kopf.Memo,
+    groups_idx: kopf.Index[Any, Any],
+    devices_by_group: kopf.Index[Any, Any],
+) -> None:
     rt = _runtime(memo)
     async with rt.lock("endpoint", namespace, name):
         body = await rt.fresh(ENDPOINTS, namespace, name)
