@@ -475,15 +475,16 @@ class Runner:
         try:
             while True:
                 files.arm()  # before reading, so that no change made after it goes unseen
-                now_seen = await asyncio.to_thread(signature, self.directory)
-                if now_seen != seen:
-                    try:
+                try:
+                    now_seen = await asyncio.to_thread(signature, self.directory)
+                    if now_seen != seen:
+                        seen, due = now_seen, 0.0
                         snap = await asyncio.to_thread(self.read)
-                    except ConnectorError as e:  # e.g. DIR vanished: say so, keep what exists
-                        logger.error("%s", e)
-                        snap = None
-                    seen = now_seen
-                    due = 0.0
+                except ConnectorError as e:  # e.g. DIR vanished: say so, keep what exists
+                    logger.error("%s", e)
+                    snap = None
+                except Exception:  # a bug (or an unlistable subdirectory) must not end the watch
+                    logger.exception("reading %s failed; the last good reading stays", self.directory)
                 if snap is not None and time.monotonic() >= due:
                     due = time.monotonic() + IDLE_RECHECK
                     try:

@@ -151,3 +151,35 @@ async def test_proxy_directory_follows_edits_device_by_device(site: Site, instan
         assert route is not None and instance.directory.by_iccid(route.iccid) == route
     finally:
         watcher.cancel()
+
+
+@linux_only
+async def test_a_failing_read_is_logged_and_the_watch_goes_on(
+    site: Site, instance: Standalone, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    site.standard(1)
+    real = runner_module.load_dir
+    calls = 0
+
+    def load_dir_failing_once(directory: Path) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the read after the first edit: a bug in the reader
+            raise RuntimeError("reader bug")
+        return real(directory)
+
+    monkeypatch.setattr(runner_module, "load_dir", load_dir_failing_once)
+    watcher = asyncio.create_task(instance.runner.watch(interval=3600))
+    try:
+        await until_ready(instance, ["meter-0000"])
+        site.write("devices.yaml", [site.device(0), site.device(1)])
+        while calls < 2:  # noqa: ASYNC110 - waiting for the failing read
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        assert not watcher.done()
+        assert ready(instance) == ["meter-0000"]  # the last good reading stays
+        assert any("reader bug" in (r.exc_text or "") or r.exc_info for r in caplog.records)
+        site.write("devices.yaml", [site.device(0), site.device(1), site.device(2)])
+        await until_ready(instance, ["meter-0000", "meter-0001", "meter-0002"])
+    finally:
+        watcher.cancel()
