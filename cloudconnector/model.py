@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cloudconnector import topic_template
 from cloudconnector.errors import InvalidSpec
 from cloudconnector.identity import canonical_ip
 from cloudconnector.mqtt.packets import MQTT_MAX_PACKET_SIZE
@@ -64,6 +65,7 @@ class AwsSpec:
     publish_topics: tuple[str, ...] = ("${iot:Connection.Thing.ThingName}/*",)
     subscribe_topics: tuple[str, ...] = ("${iot:Connection.Thing.ThingName}/*",)
     thing_prefix: str = ""
+    topic_template: str = ""  # the Endpoint's spec.topicTemplate: the default policy follows it
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class Endpoint:
     azure: AzureSpec | None = None
     mqtt: MqttSpec | None = None
     uid: str = ""
+    topic_template: str = ""  # spec.topicTemplate (cloudconnector.topic_template); "" for none
 
     @property
     def host(self) -> str | None:
@@ -114,6 +117,7 @@ class Group:
     generation: int
     endpoint: str  # name of an Endpoint in the same namespace
     uid: str = ""
+    topic_template: str | None = None  # spec.topicTemplate; None: the Endpoint's, "": none
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,7 @@ def parse_endpoint(obj: Mapping[str, Any]) -> Endpoint:
     if not 0 < port < 65536:
         raise InvalidSpec("spec.port", "must be a TCP port")
     ca = _str(obj, "spec.caCertificate")
+    template = _template(obj) or ""
     aws = azure = mqtt = None
     if etype is EndpointType.AWS:
         policy = _get(obj, "spec.aws.policy", default={})
@@ -187,6 +192,7 @@ def parse_endpoint(obj: Mapping[str, Any]) -> Endpoint:
             publish_topics=tuple(policy.get("publishTopics") or AwsSpec.publish_topics),
             subscribe_topics=tuple(policy.get("subscribeTopics") or AwsSpec.subscribe_topics),
             thing_prefix=_str(obj, "spec.aws.thingPrefix", default=""),
+            topic_template=template,
         )
         if aws.thing_prefix and not _THING_NAME.match(aws.thing_prefix):
             raise InvalidSpec("spec.aws.thingPrefix", "may only hold letters, digits, ':', '_' and '-'")
@@ -204,12 +210,22 @@ def parse_endpoint(obj: Mapping[str, Any]) -> Endpoint:
             bounds = f"from {MIN_PACKET_SIZE} to {MQTT_MAX_PACKET_SIZE}"
             raise InvalidSpec("spec.mqtt.maxPacketSize", f"must be an integer {bounds}")
         mqtt = MqttSpec(host=_str(obj, "spec.mqtt.host", required=True), max_packet_size=max_packet)
-    return Endpoint(ref, generation, etype, port, rate, ca, aws, azure, mqtt, uid)
+    return Endpoint(ref, generation, etype, port, rate, ca, aws, azure, mqtt, uid, template)
 
 
 def parse_group(obj: Mapping[str, Any]) -> Group:
     ref, generation, uid = _ref(obj)
-    return Group(ref, generation, _str(obj, "spec.endpointRef.name", required=True), uid)
+    return Group(ref, generation, _str(obj, "spec.endpointRef.name", required=True), uid, _template(obj))
+
+
+def _template(obj: Mapping[str, Any]) -> str | None:
+    template = _str(obj, "spec.topicTemplate")
+    if template is not None:
+        try:
+            topic_template.check(template)
+        except topic_template.TemplateError as e:
+            raise InvalidSpec("spec.topicTemplate", str(e)) from None
+    return template
 
 
 def derive_cloud_id(namespace: str, name: str, prefix: str = "") -> str:

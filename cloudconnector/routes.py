@@ -18,11 +18,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from cloudconnector import topic_template
 from cloudconnector.core.inventory import Inventory, place
 from cloudconnector.errors import InvalidSpec
 from cloudconnector.identity import IdentityKey
 from cloudconnector.model import (
+    Device,
+    Endpoint,
     EndpointType,
+    Group,
     ObjectRef,
     TopicMapping,
     parse_device,
@@ -47,6 +51,8 @@ class Route:
     topic_mapping: TopicMapping = TopicMapping.FLATTEN
     key_location: str | None = None  # status.keyLocation; None: the key store's own slot path
     max_packet_size: int | None = None  # spec.mqtt.maxPacketSize; None: the cloud's documented maximum
+    topic_prefix: str = ""  # the device's expanded topic template ("" for none; proxy/topics.py)
+    topic_error: str = ""  # why the template cannot be expanded for this device (it is refused)
 
 
 class AmbiguousIdentity(LookupError):
@@ -96,6 +102,7 @@ def build_route(
     host = estatus.get("host") or ep.host
     if not host:
         return None
+    prefix, topic_error = _topic_prefix(dev, grp, ep, dstatus.get("cloudId") or dev.cloud_id)
     return Route(
         device=dev.ref,
         iccid=dev.iccid,
@@ -110,4 +117,23 @@ def build_route(
         topic_mapping=ep.azure.topic_mapping if ep.azure else TopicMapping.FLATTEN,
         key_location=str(dstatus["keyLocation"]) if dstatus.get("keyLocation") else None,
         max_packet_size=ep.mqtt.max_packet_size if ep.mqtt else None,
+        topic_prefix=prefix,
+        topic_error=topic_error,
     )
+
+
+def _topic_prefix(dev: Device, grp: Group, ep: Endpoint, cloud_id: str) -> tuple[str, str]:
+    """The device's topic prefix (the Group's template, else the Endpoint's), or why there is none."""
+    template = grp.topic_template if grp.topic_template is not None else ep.topic_template
+    values = {
+        "cloudId": cloud_id,
+        "iccid": dev.iccid,
+        "imsi": dev.imsi,
+        "device": dev.ref.name,
+        "namespace": dev.ref.namespace,
+        "group": grp.ref.name,
+    }
+    try:
+        return topic_template.expand(template, values), ""
+    except topic_template.TemplateError as e:
+        return "", f"topic template {template!r} {e}"

@@ -26,7 +26,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from cloudconnector import api
+from cloudconnector import api, topic_template
 from cloudconnector.errors import InvalidSpec, PermanentError, short
 
 CRDS_DIR_ENV = "CLOUDCONNECTOR_CRDS_DIR"
@@ -51,6 +51,10 @@ PATTERN_HINTS: Mapping[str, str] = {
     r"^[a-z]{2}(-[a-z0-9]+)+$": "must be an AWS region name such as eu-west-1",
     r"^https?://[^\s]+$": "must be an http:// or https:// URL without spaces",
     r"^[A-Za-z0-9.:\[\]-]+$": "must be a host name or an IP address",
+    topic_template.CRD_PATTERN: (
+        "must be a topic prefix ending in '/', not starting with '/' or '$', without '+' or '#', whose "
+        "placeholders are {cloudId}, {thingName}, {iccid}, {imsi}, {device}, {namespace} or {group}"
+    ),
 }
 
 

@@ -4,6 +4,12 @@ Least privilege by default: a certificate may only connect with its own thing na
 id (``${iot:Connection.Thing.ThingName}``, which AWS fills in only when the certificate is
 attached to that thing) and may only publish, receive and subscribe on the Endpoint's topics. The
 original product's allow-everything document exists only as an explicit opt-in.
+
+With a topic template on the Endpoint (``spec.topicTemplate``), the proxy puts every device topic
+below the template's prefix, so the default topics follow it: ``fleet/{cloudId}/`` allows
+``fleet/${iot:Connection.Thing.ThingName}/*``. ``{cloudId}``/``{thingName}`` become the thing-name
+variable; the other placeholders name values the policy cannot check and become ``*``. Topics set
+in ``spec.aws.policy`` are used as they are.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import json
 import re
 from typing import Any
 
+from cloudconnector import topic_template
 from cloudconnector.model import AwsSpec, PolicyMode
 
 VERSION = "2012-10-17"
@@ -43,10 +50,30 @@ def arn_prefix(thing_arn: str) -> str:
     return ":".join(parts[:5])
 
 
+def template_topics(template: str) -> str:
+    """The policy topic pattern for every topic below a topic template's prefix."""
+    topic_template.check(template)
+
+    def variable(name: str) -> str:
+        return THING_VARIABLE if name in ("cloudId", "thingName") else "*"
+
+    return re.sub(r"\{([^{}]*)\}", lambda m: variable(m.group(1)), template) + "*"
+
+
+def _topics(spec: AwsSpec) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    publish, subscribe = spec.publish_topics, spec.subscribe_topics
+    if spec.topic_template:
+        below = (template_topics(spec.topic_template),)
+        publish = below if publish == AwsSpec.publish_topics else publish
+        subscribe = below if subscribe == AwsSpec.subscribe_topics else subscribe
+    return publish, subscribe
+
+
 def policy_document(spec: AwsSpec, thing_arn: str) -> dict[str, Any]:
     if spec.policy_mode is PolicyMode.ALLOW_ALL:
         return {"Version": VERSION, "Statement": [{"Effect": "Allow", "Action": "iot:*", "Resource": "*"}]}
     prefix = arn_prefix(thing_arn)
+    publish_topics, subscribe_topics = _topics(spec)
     statements: list[dict[str, Any]] = [
         {
             "Effect": "Allow",
@@ -56,27 +83,27 @@ def policy_document(spec: AwsSpec, thing_arn: str) -> dict[str, Any]:
             "Condition": {"Bool": {"iot:Connection.Thing.IsAttached": "true"}},
         }
     ]
-    if spec.publish_topics:
+    if publish_topics:
         statements.append(
             {
                 "Effect": "Allow",
                 "Action": "iot:Publish",
-                "Resource": [f"{prefix}:topic/{t}" for t in spec.publish_topics],
+                "Resource": [f"{prefix}:topic/{t}" for t in publish_topics],
             }
         )
-    if spec.subscribe_topics:
+    if subscribe_topics:
         statements.append(
             {
                 "Effect": "Allow",
                 "Action": "iot:Subscribe",
-                "Resource": [f"{prefix}:topicfilter/{t}" for t in spec.subscribe_topics],
+                "Resource": [f"{prefix}:topicfilter/{t}" for t in subscribe_topics],
             }
         )
         statements.append(
             {
                 "Effect": "Allow",
                 "Action": "iot:Receive",
-                "Resource": [f"{prefix}:topic/{t}" for t in spec.subscribe_topics],
+                "Resource": [f"{prefix}:topic/{t}" for t in subscribe_topics],
             }
         )
     return {"Version": VERSION, "Statement": statements}

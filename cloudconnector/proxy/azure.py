@@ -9,7 +9,8 @@ Per session, on top of the topic mapping in :mod:`cloudconnector.proxy.azure_top
   completed here: it goes up as QoS 1 and the device gets PUBREC only once the hub has acked it,
   so the device cannot reuse the packet id while the upstream QoS 1 is still in flight.
 - SUBSCRIBE: filters mapped, QoS 2 asked and granted as 1; a filter that cannot be mapped fails
-  in the SUBACK (0x80) without reaching the hub; UNSUBSCRIBE drops an upstream filter only when
+  in the SUBACK (0x80) without reaching the hub, and so does one that would need a sixth upstream
+  subscription (IoT Hub documents at most 5 at a time; logged); UNSUBSCRIBE drops an upstream filter only when
   no other device filter shares it.
 - Cloud-to-device PUBLISH: delivered on the topic the device subscribed to; a message no
   subscription wants is acked upstream and dropped (otherwise the hub would redeliver it).
@@ -51,6 +52,7 @@ from cloudconnector.routes import Route
 log = logging.getLogger(__name__)
 
 SUBACK_FAILURE = 0x80
+MAX_SUBSCRIPTIONS = 5  # upstream filters at a time, per IoT Hub's documentation
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class AzureTransform:
     """One device session towards IoT Hub (see the module docstring for the rules)."""
 
     packet_relay = True
+    divert: frozenset[int] = frozenset()
 
     def __init__(self, route: Route) -> None:
         self.route = route
@@ -131,8 +134,13 @@ class AzureTransform:
     def _subscribe(self, packet: Subscribe) -> Relay:
         upstream: list[Subscription] = []
         slots: list[int | None] = []
+        over_limit = 0
         for sub in packet.subscriptions:
             try:
+                if self.subs.would_add_upstream(sub.topic_filter, MAX_SUBSCRIPTIONS):
+                    over_limit += 1
+                    slots.append(None)
+                    continue
                 mapped = self.subs.add(sub.topic_filter, sub.qos)
             except TopicError as e:
                 log.info("device %s: subscription refused: %s", self.names.device_id, e)
@@ -147,6 +155,14 @@ class AzureTransform:
             else:
                 slots.append(len(upstream))
                 upstream.append(Subscription(mapped, qos))
+        if over_limit:
+            log.warning(
+                "refused %d of %d subscriptions: IoT Hub allows %d at a time",
+                over_limit,
+                len(packet.subscriptions),
+                MAX_SUBSCRIPTIONS,
+                extra={"device": str(self.route.device), "result": "subscription_refused"},
+            )
         filters = tuple(s.topic_filter for s in packet.subscriptions)
         if not upstream:
             return Relay(to_device=(Suback(packet.packet_id, (SUBACK_FAILURE,) * len(filters)),))

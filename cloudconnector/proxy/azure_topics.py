@@ -222,6 +222,12 @@ class Subscriptions:
             return None
         return upstream
 
+    def would_add_upstream(self, topic_filter: str, limit: int) -> bool:
+        """True when subscribing to ``topic_filter`` needs an upstream filter beyond ``limit``."""
+        upstream = subscribe_filter(self.names, topic_filter, self.mapping)
+        held = {s.upstream for f, s in self._subs.items() if f != topic_filter}
+        return upstream not in held and len(held) >= limit
+
     def device_topic(self, upstream_topic: str) -> str | None:
         """The topic a cloud-to-device message is delivered on, or None when no subscription wants it.
 

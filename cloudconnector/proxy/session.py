@@ -39,6 +39,7 @@ from cloudconnector.mqtt.packets import (
 )
 from cloudconnector.proxy.config import ProxyConfig
 from cloudconnector.proxy.credentials import CredentialsUnusable, read_credentials
+from cloudconnector.proxy.divert import relay_diverted
 from cloudconnector.proxy.limits import (
     Limits,
     device_connack,
@@ -301,6 +302,10 @@ async def _relay(
 
     if not transform.packet_relay:
         device, cloud = (link.dev_reader, link.dev_writer), (link.up_reader, link.up_writer)
+        if getattr(transform, "divert", None):  # e.g. AWS: SUBSCRIBEs to the transform, PUBLISH as bytes
+            levels = (link.dev_level, link.up_level)
+            m = deps.metrics
+            return await relay_diverted(m, limits, device, cloud, levels, transform, dropped)
         return await relay_bytes(deps.metrics, limits, device, cloud, link.dev_level, dropped)
     up = _pump_packets(deps, link, UP, transform.from_device, limits.up, dropped)
     down = _pump_packets(deps, link, DOWN, transform.from_cloud, limits.down, dropped)

@@ -14,7 +14,8 @@ Contract for a :class:`SessionTransform`:
   every packet from the device after CONNECT. Each returns a :class:`Relay`: packets to send
   upstream and packets to send back to the device (answer locally, drop, or split).
 - With ``packet_relay`` False, only CONNECT and CONNACK pass through the transform; after that
-  the proxy copies bytes.
+  the proxy copies bytes, except for the packet types in ``divert``, which it cuts out of the
+  byte stream and hands to :meth:`from_device` / :meth:`from_cloud` (``proxy/divert.py``).
 - A transform raises :class:`TransformError` to end the session (the reason is logged).
 """
 
@@ -46,6 +47,7 @@ class Relay:
 
 class SessionTransform(Protocol):
     packet_relay: bool
+    divert: frozenset[int]  # PacketType values seen on the byte relay (packet_relay False)
 
     def connect(self, packet: Connect, credentials: KeyMaterial) -> Connect | Connack: ...
 
@@ -65,6 +67,7 @@ class Passthrough:
     """
 
     packet_relay = False
+    divert: frozenset[int] = frozenset()
 
     def __init__(self, route: Route) -> None:
         self.route = route
@@ -94,9 +97,71 @@ def register(endpoint_type: EndpointType, factory: TransformFactory) -> None:
 
 
 def transform_for(route: Route) -> SessionTransform:
+    """The cloud's transform, behind the device's topic template and the cloud's subscription
+    limits when those apply; the cloud's alone otherwise (for AWS and MQTT brokers: the byte relay)."""
     factory = _FACTORIES.get(route.endpoint_type)
     if factory is None and route.endpoint_type in _PROVIDERS:
         with contextlib.suppress(ModuleNotFoundError):  # not written yet: passthrough
             importlib.import_module(_PROVIDERS[route.endpoint_type])
         factory = _FACTORIES.get(route.endpoint_type)
-    return (factory or Passthrough)(route)
+    base = (factory or Passthrough)(route)
+    # Imported here: both layers build on this module's Relay.
+    from cloudconnector.proxy.subscriptions import SubscriptionLimits, limits_for
+    from cloudconnector.proxy.topics import TopicLayer
+
+    layers: list[SessionTransform] = []
+    if route.topic_prefix or route.topic_error:
+        layers.append(TopicLayer(route))
+    if (limits := limits_for(route)) is not None:
+        layers.append(SubscriptionLimits(route, limits))
+    return Chain((*layers, base)) if layers else base
+
+
+class Chain:
+    """Transforms stacked between device and cloud, the device's side first.
+
+    A packet from the device enters the first layer; what a layer sends towards the cloud enters
+    the next one (or leaves for the cloud after the last), what it sends back towards the device
+    enters the previous one's :meth:`from_cloud` (or leaves for the device). CONNECT passes every
+    layer's :meth:`connect` in order, and the first CONNACK (a refusal) ends it.
+    """
+
+    def __init__(self, layers: tuple[SessionTransform, ...]) -> None:
+        self.layers = layers
+        self.packet_relay = any(t.packet_relay for t in layers)
+        self.divert: frozenset[int] = frozenset().union(*(getattr(t, "divert", ()) for t in layers))
+
+    def connect(self, packet: Connect, credentials: KeyMaterial) -> Connect | Connack:
+        for layer in self.layers:
+            out = layer.connect(packet, credentials)
+            if isinstance(out, Connack):
+                return out
+            packet = out
+        return packet
+
+    def from_device(self, packet: Packet) -> Relay:
+        return self._run(packet, 0, up=True)
+
+    def from_cloud(self, packet: Packet) -> Relay:
+        return self._run(packet, len(self.layers) - 1, up=False)
+
+    def _run(self, packet: Packet, at: int, up: bool) -> Relay:
+        to_cloud: list[Packet] = []
+        to_device: list[Packet] = []
+
+        def enter(p: Packet, i: int, going_up: bool) -> None:
+            if i == len(self.layers):
+                to_cloud.append(p)
+                return
+            if i < 0:
+                to_device.append(p)
+                return
+            layer = self.layers[i]
+            relay = layer.from_device(p) if going_up else layer.from_cloud(p)
+            for q in relay.to_cloud:
+                enter(q, i + 1, True)
+            for q in relay.to_device:
+                enter(q, i - 1, False)
+
+        enter(packet, at, up)
+        return Relay(tuple(to_cloud), tuple(to_device))

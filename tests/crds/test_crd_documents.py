@@ -29,7 +29,7 @@ SPEC_FIELDS = {
         "credentialsSecretRef.name",
         "registerCertificate",
     },
-    "Group": {"endpointRef", "endpointRef.name"},
+    "Group": {"endpointRef", "endpointRef.name", "topicTemplate"},
     "Endpoint": {
         "type",
         "port",
@@ -59,6 +59,7 @@ SPEC_FIELDS = {
         "mqtt",
         "mqtt.host",
         "mqtt.maxPacketSize",
+        "topicTemplate",
     },
 }
 STATUS_FIELDS = {
