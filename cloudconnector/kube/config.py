@@ -1,7 +1,8 @@
 """Where the Kubernetes API is and how to log in to it, as kubectl would.
 
 Order: an explicit server URL (``CLOUDCONNECTOR_K8S_SERVER`` with ``CLOUDCONNECTOR_K8S_TOKEN``, used
-by tests against kmock), the in-cluster service account, then a kubeconfig (``KUBECONFIG``, which
+by tests against kmock), the in-cluster service account (mounted at the usual path, or where
+``CLOUDCONNECTOR_K8S_SA_DIR`` says), then a kubeconfig (``KUBECONFIG``, which
 may list several files, or ``~/.kube/config``; ``CLOUDCONNECTOR_K8S_CONTEXT`` picks a context other
 than the current one). The in-cluster account and kubeconfigs are read by kubernetes_asyncio's
 config loader, so whatever a user's kubeconfig holds works here: ``exec`` plugins (``aws eks
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from kubernetes_asyncio.client.configuration import Configuration
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+SA_DIR_ENV = "CLOUDCONNECTOR_K8S_SA_DIR"  # the account's token, ca.crt and namespace mounted elsewhere
 REFRESH_SECONDS = 60.0
 CONTEXT_ENV = "CLOUDCONNECTOR_K8S_CONTEXT"
 
@@ -90,10 +92,11 @@ class KubeConfig:
         if server:
             return cls(server, env.get("CLOUDCONNECTOR_K8S_TOKEN") or None)
         host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT")
-        if host and port and (SA_DIR / "token").exists():
-            namespace_file = SA_DIR / "namespace"
+        sa_dir = Path(env.get(SA_DIR_ENV) or SA_DIR)
+        if host and port and (sa_dir / "token").exists():
+            namespace_file = sa_dir / "namespace"
             namespace = namespace_file.read_text().strip() if namespace_file.exists() else None
-            login = _InCluster(dict(env))
+            login = _InCluster(dict(env), sa_dir)
             return cls(f"https://{_bracket(host)}:{port}", default_namespace=namespace, _login=login)
         paths = env.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
         if not any(Path(p).expanduser().exists() for p in paths.split(os.pathsep) if p):
@@ -171,8 +174,9 @@ class _InCluster(_Login):
 
     source = "in-cluster service account"
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], sa_dir: Path) -> None:
         self._env = env
+        self._dir = sa_dir
 
     async def connection(self, server: str) -> Connection:
         from kubernetes_asyncio.client.configuration import Configuration
@@ -181,7 +185,9 @@ class _InCluster(_Login):
         conf = Configuration()
         try:
             InClusterConfigLoader(
-                token_filename=str(SA_DIR / "token"), cert_filename=str(SA_DIR / "ca.crt"), environ=self._env
+                token_filename=str(self._dir / "token"),
+                cert_filename=str(self._dir / "ca.crt"),
+                environ=self._env,
             ).load_and_set(conf)
         except Exception as e:
             raise KubeLoginError(self.source, _why(e, "cannot read the service account")) from None

@@ -225,6 +225,36 @@ def _text(path: str) -> str:
     return Path(path).read_text().strip()
 
 
+async def test_in_cluster_account_follows_its_rotating_token(
+    kube: Kube, fleet_ns: str, tmp_path: Path
+) -> None:
+    # What the kubelet mounts into a pod: token, ca.crt and namespace; it rewrites the token file
+    # before the old token expires.
+    mount = tmp_path / "serviceaccount"
+    mount.mkdir()
+    old = kube.service_account_token(fleet_ns, "rotated-out")
+    (mount / "token").write_text(old)
+    (mount / "ca.crt").write_text(kube.ca_pem)
+    (mount / "namespace").write_text(fleet_ns)
+    host, port = kube.server.removeprefix("https://").rsplit(":", 1)
+    env = {
+        "KUBERNETES_SERVICE_HOST": host,
+        "KUBERNETES_SERVICE_PORT": port,
+        "CLOUDCONNECTOR_K8S_SA_DIR": str(mount),
+    }
+    config = KubeConfig.from_env(env)
+    assert config.default_namespace == fleet_ns and old not in repr(config)
+    client = KubeClient(config)
+    try:
+        assert len(await client.list(DEVICES, fleet_ns)) == 1
+        (mount / "token").write_text(kube.service_account_token(fleet_ns, "rotated-in"))
+        kube.request("DELETE", f"/api/v1/namespaces/{fleet_ns}/serviceaccounts/rotated-out")
+        _wait_refused(kube, old, fleet_ns)
+        assert len(await client.list(DEVICES, fleet_ns)) == 1
+    finally:
+        await client.aclose()
+
+
 def _wait_refused(kube: Kube, token: str, ns: str) -> None:
     def refused() -> bool:
         try:
