@@ -1,8 +1,12 @@
 """AWS IoT Core provisioner: one thing, one policy and one certificate per Device.
 
-Order of a provisioning run (each step checkpointed in ``progress`` before the next):
-CreateThing -> per-device policy -> CreateKeysAndCertificate (inactive; AWS makes the RSA-2048
-key pair) -> AttachPolicy -> AttachThingPrincipal -> UpdateCertificate ACTIVE -> key store.
+Order of a provisioning run: CreateThing -> per-device policy -> CreateKeysAndCertificate
+(inactive; AWS makes the RSA-2048 key pair) -> AttachPolicy -> AttachThingPrincipal ->
+UpdateCertificate ACTIVE -> key store. Five checkpoints in ``progress`` (each a status write):
+the thing's name before CreateThing, the policy's name before CreatePolicy, ``requestedAt``
+before CreateKeysAndCertificate, the certificate's id right after it, and ``stored`` at the end.
+What the idempotent steps return (the thing's ARN, the policy in place, attachments, activation)
+rides with the next checkpoint; a resume that lost it does those steps again, which AWS accepts.
 The key store only ever points at an active certificate, so a rotation has no moment where the
 proxy would present a certificate AWS still refuses; a crash after activation but before the key
 was stored retires that certificate on resume (its id was checkpointed first). See
