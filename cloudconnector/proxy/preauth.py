@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from cloudconnector.mqtt.codec import MalformedPacket, UnsupportedVersion, decode
@@ -101,44 +101,41 @@ class GatedReader(asyncio.StreamReader):
             self._limit = IDENTIFIED_READ_LIMIT
 
 
-async def _remaining_length(reader: asyncio.StreamReader) -> tuple[int, int]:
-    """The remaining length after a fixed header byte, and the packet's whole size."""
+Read = Callable[[int], Awaitable[bytes]]  # exactly n bytes, or IncompleteReadError
+
+
+async def _start(read: Read) -> tuple[int, int]:
+    """CONNECT's fixed header: its remaining length and the packet's whole size."""
+    if (await read(1))[0] != CONNECT_HEADER:
+        raise SessionEnd("malformed", "first packet is not CONNECT")
     length = 0
     for i in range(4):
-        byte = (await reader.readexactly(1))[0]
+        byte = (await read(1))[0]
         length |= (byte & 0x7F) << (7 * i)
         if not byte & 0x80:
             return length, 2 + i + length
     raise MalformedPacket("remaining length longer than 4 bytes")
 
 
-async def _start(reader: asyncio.StreamReader) -> tuple[int, int]:
-    header = (await reader.readexactly(1))[0]
-    if header != CONNECT_HEADER:
-        raise SessionEnd("malformed", "first packet is not CONNECT")
-    return await _remaining_length(reader)
-
-
-async def _protocol_level(reader: asyncio.StreamReader, length: int) -> int:
-    """The level from the start of a CONNECT body (protocol name, then level): at most 9 bytes."""
-    if length < 2:
-        raise MalformedPacket("CONNECT truncated")
-    name_length = int.from_bytes(await reader.readexactly(2), "big")
+async def _protocol_level(read: Read, length: int) -> tuple[int, int]:
+    """The level from the start of a CONNECT body (protocol name, then level: at most 9 bytes),
+    and how many bytes of the body follow it."""
+    name_length = int.from_bytes(await read(2), "big") if length >= 2 else 0
     if name_length not in (4, 6) or length < 2 + name_length + 1:
         raise MalformedPacket("CONNECT without a known protocol name")
-    prefix = await reader.readexactly(name_length + 1)
+    prefix = await read(name_length + 1)
     if prefix[:-1] not in (b"MQTT", b"MQIsdp"):
         raise MalformedPacket("CONNECT without a known protocol name")
-    return prefix[-1]
+    return prefix[-1], length - 2 - name_length - 1
 
 
 async def read_connect(cfg: ProxyConfig, reader: asyncio.StreamReader) -> Connect:
     """The device's CONNECT, read within the CONNECT timeout and the first-packet size limit."""
     try:
         async with asyncio.timeout(cfg.connect_timeout):  # unlike wait_for, no task per call
-            length, size = await _start(reader)
+            length, size = await _start(reader.readexactly)
             if size > cfg.max_connect_size:
-                level = await _protocol_level(reader, length)
+                level, _ = await _protocol_level(reader.readexactly, length)
                 answer = Connack(PACKET_TOO_LARGE) if level == MQTT_5 else None
                 reason = f"CONNECT of {size} bytes exceeds the first-packet limit of {cfg.max_connect_size}"
                 raise SessionEnd("connect_too_large", reason, answer, level)
@@ -181,34 +178,23 @@ async def unknown_source_refusal(sock: socket.socket, deadline: float) -> Source
     answer in, read with exact-size ``recv`` calls on the raw socket, so that not a byte past the
     level (at most 14) is ever read, whatever the peer sent."""
     reason = "no ready device has this address"
+
+    async def read(n: int) -> bytes:
+        return await _recv_exact(sock, n)
+
     try:
         async with asyncio.timeout_at(deadline):  # the loop's clock
-            header = (await _recv_exact(sock, 1))[0]
-            if header != CONNECT_HEADER:
-                return SourceRefusal(SessionEnd("malformed", "first packet is not CONNECT"))
-            length = 0
-            for i in range(4):
-                byte = (await _recv_exact(sock, 1))[0]
-                length |= (byte & 0x7F) << (7 * i)
-                if not byte & 0x80:
-                    break
-            else:
-                raise MalformedPacket("remaining length longer than 4 bytes")
-            name_length = int.from_bytes(await _recv_exact(sock, 2), "big")
-            if name_length not in (4, 6) or length < 2 + name_length + 1:
-                raise MalformedPacket("CONNECT without a known protocol name")
-            prefix = await _recv_exact(sock, name_length + 1)
-            if prefix[:-1] not in (b"MQTT", b"MQIsdp"):
-                raise MalformedPacket("CONNECT without a known protocol name")
+            length, _ = await _start(read)
+            level, rest = await _protocol_level(read, length)
+    except SessionEnd as end:  # not a CONNECT at all
+        return SourceRefusal(end)
     except TimeoutError:
         return SourceRefusal(SessionEnd("unknown_device", f"{reason} (and no CONNECT in time)"))
     except (asyncio.IncompleteReadError, OSError):
         return SourceRefusal(SessionEnd("unknown_device", f"{reason} (closed before CONNECT)"))
     except MalformedPacket as e:
         return SourceRefusal(SessionEnd("malformed", str(e)))
-    level = prefix[-1]
-    end = SessionEnd("unknown_device", reason, NOT_AUTHORIZED, level)
-    return SourceRefusal(end, level, length - 2 - name_length - 1)
+    return SourceRefusal(SessionEnd("unknown_device", reason, NOT_AUTHORIZED, level), level, rest)
 
 
 async def discard(sock: socket.socket, n: int, deadline: float) -> None:
