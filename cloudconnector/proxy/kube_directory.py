@@ -63,6 +63,15 @@ class KubeDirectory:
         self._objects: dict[str, dict[Key, Obj]] = {r.plural: {} for r in (DEVICES, GROUPS, ENDPOINTS)}
         self._inventory = MemoryInventory(self._objects[GROUPS.plural], self._objects[ENDPOINTS.plural])
         self._listed: set[str] = set()
+        self._ready = asyncio.Event()
+
+    def devices(self) -> list[Obj]:
+        """The Device objects as last listed or watched."""
+        return list(self._objects[DEVICES.plural].values())
+
+    async def wait_ready(self) -> None:
+        """Return once all three resources have been listed."""
+        await self._ready.wait()
 
     @property
     def ready(self) -> bool:
@@ -94,6 +103,8 @@ class KubeDirectory:
                 store.clear()
                 store.update((_key(o), o) for o in items)
                 self._listed.add(res.plural)
+                if self.ready:
+                    self._ready.set()
                 self._rebuild()
                 version = (listing.get("metadata") or {}).get("resourceVersion")
                 await self._watch(res, version)

@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from cloudconnector.errors import ConnectorError
+from cloudconnector.errors import ConnectorError, short
 from cloudconnector.proxy.config import ProxyConfig, from_mapping
 from cloudconnector.proxy.health import make_app, start_http
 from cloudconnector.proxy.logs import JsonFormatter, configure_logging
+
+if TYPE_CHECKING:
+    from cloudconnector.proxy.kube_directory import KubeDirectory
+    from cloudconnector.proxy.presence import Presence
 
 __all__ = ["JsonFormatter", "configure_logging", "main", "parse_args", "run"]
 
@@ -58,17 +63,28 @@ async def run(cfg: ProxyConfig, namespace: str | None) -> None:
     from cloudconnector.kube.client import KubeClient
     from cloudconnector.kube.config import KubeConfig
     from cloudconnector.proxy.kube_directory import KubeDirectory
+    from cloudconnector.proxy.kube_presence import KubePresenceSink
+    from cloudconnector.proxy.presence import Presence
     from cloudconnector.proxy.server import Proxy
 
     kube = KubeClient(KubeConfig.from_env())
     keys = VaultKeyStore.from_env()
     directory = KubeDirectory(kube, namespace)
-    proxy = Proxy(cfg, directory, keys)
+    presence = None
+    if cfg.connection_status:
+        name = cfg.pod_name or socket.gethostname()
+        sink = KubePresenceSink(kube)
+        presence = Presence(sink, name, cfg.status_interval, cfg.status_writes_per_second)
+    proxy = Proxy(cfg, directory, keys, presence=presence)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     watcher = asyncio.create_task(directory.run())
+    background = [watcher]
+    if presence is not None:
+        background.append(asyncio.create_task(presence.run()))
+        background.append(asyncio.create_task(_clear_stale(directory, presence)))
     runner = None
     try:
         if cfg.http_port is not None:
@@ -78,14 +94,32 @@ async def run(cfg: ProxyConfig, namespace: str | None) -> None:
         await stop.wait()
         log.info("draining", extra={"seconds": cfg.drain_seconds})
         await proxy.stop()
+        if presence is not None:
+            await presence.drain()  # every device this pod served shows disconnected
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         if runner is not None:
             await runner.cleanup()
         await kube.aclose()
         keys.close()
+
+
+async def _clear_stale(directory: KubeDirectory, presence: Presence) -> None:
+    """Once the directory has listed: devices shown connected through this pod's name are from a
+    previous run of it (a container restarted in its pod) and are not connected now."""
+    from cloudconnector.proxy.kube_presence import KubePresenceSink
+
+    await directory.wait_ready()
+    assert isinstance(presence.sink, KubePresenceSink)
+    try:
+        cleared = await presence.sink.clear_stale(presence.proxy, directory.devices())
+    except Exception as e:  # the next session of each device corrects it anyway
+        log.warning("stale connection status not cleared: %s", short(e, 200))
+        return
+    if cleared:
+        log.info("cleared stale connection status", extra={"devices": cleared})
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -23,6 +23,7 @@ from cloudconnector.mqtt.packets import MQTT_5
 from cloudconnector.proxy.limits import Limits, too_large_disconnect
 from cloudconnector.proxy.metrics import DOWN, UP, Metrics
 from cloudconnector.proxy.openssl_private import stream_buffer
+from cloudconnector.proxy.presence import Session as Usage
 
 DropHook = Callable[[int, int], None]  # (size, limit) of a packet from the cloud that was dropped
 
@@ -42,7 +43,7 @@ class Pipe(asyncio.Protocol):
     __slots__ = (
         "_bytes", "_count_bytes", "_count_msgs", "_count_oversized", "_direction", "_flush_at",
         "_last_words", "_msgs", "_on_drop", "_scanner", "device_level", "dst", "ended", "origin", "other",
-        "src",
+        "src", "usage",
     )  # fmt: skip
 
     def __init__(
@@ -67,6 +68,7 @@ class Pipe(asyncio.Protocol):
         self.ended: asyncio.Future[str] | None = None
         self.other: Pipe | None = None  # the opposite direction
         self.device_level = 0  # the device's MQTT level, for the DISCONNECT before a cut
+        self.usage: Usage | None = None  # the session's live-status record (presence.py)
         self._last_words = ""  # set once a DISCONNECT was sent: why the session ends
 
     def data_received(self, data: bytes) -> None:
@@ -115,6 +117,8 @@ class Pipe(asyncio.Protocol):
         if self._bytes:
             self._count_bytes.inc(self._bytes)
             self._count_msgs.inc(self._msgs)
+            if self.usage is not None:
+                self.usage.add(self._direction == UP, self._msgs, self._bytes, time.time())
             self._bytes = self._msgs = 0
 
     def _too_large(self, e: PacketTooLarge) -> None:
@@ -165,8 +169,10 @@ async def relay_bytes(
     cloud: tuple[asyncio.StreamReader, asyncio.StreamWriter],
     device_level: int,
     on_drop: DropHook,
+    usage: Usage | None = None,
 ) -> str:
-    """Relay until either side ends; returns why. Cancelling it leaves closing to the caller."""
+    """Relay until either side ends; returns why. Cancelling it leaves closing to the caller.
+    ``usage`` gets the session's counters about once a second (live connection status)."""
     loop = asyncio.get_running_loop()
     ended: asyncio.Future[str] = loop.create_future()
     dev_t, up_t = device[1].transport, cloud[1].transport
@@ -174,6 +180,7 @@ async def relay_bytes(
     down = Pipe(metrics, DOWN, limits.down, up_t.get_protocol(), on_drop)
     up.other, down.other = down, up
     up.device_level = device_level
+    up.usage = down.usage = usage
     try:
         # Cloud first: the CONNACK is already with the device, and the cloud may have sent more.
         down_data, down_eof = take_buffered(cloud[0])

@@ -29,7 +29,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from cloudconnector.errors import short
 from cloudconnector.model import ObjectRef
@@ -71,6 +71,12 @@ class Session:
     wire_bytes: int = 0  # bytes on the cloud-side TLS connection, records and handshake included
     last_seen: float = 0.0
     ended: bool = False
+    wire: Any = None  # the cloud-side TLS transport, whose ``wire_bytes`` it reads when set
+
+    def wire_total(self) -> int:
+        if self.wire is not None:
+            self.wire_bytes = int(getattr(self.wire, "wire_bytes", self.wire_bytes))
+        return self.wire_bytes
 
     def add(self, up: bool, messages: int, nbytes: int, now: float) -> None:
         if up:
@@ -84,7 +90,7 @@ class Session:
     def snapshot(self, proxy: str) -> ConnectionStatus:
         saved = 0
         if self.transport == PLAIN:
-            saved = max(0, self.wire_bytes - self.bytes_up - self.bytes_down)
+            saved = max(0, self.wire_total() - self.bytes_up - self.bytes_down)
         return ConnectionStatus(
             connected=not self.ended,
             since=_rfc3339(self.since),
@@ -100,7 +106,7 @@ class Session:
         )
 
     def usage(self) -> tuple[int, int, int, int, int]:
-        return (self.messages_up, self.messages_down, self.bytes_up, self.bytes_down, self.wire_bytes)
+        return (self.messages_up, self.messages_down, self.bytes_up, self.bytes_down, self.wire_total())
 
 
 @dataclass(slots=True)
@@ -136,6 +142,8 @@ class Presence:
         return session
 
     def closed(self, session: Session) -> None:
+        session.wire_total()  # the transport is about to go: keep its last count
+        session.wire = None
         session.ended = True
         session.last_seen = self.clock()
         entry = self._live.get(session.device)

@@ -31,6 +31,7 @@ from cloudconnector.proxy.memory import settle_startup_objects, tune_allocator
 from cloudconnector.proxy.metrics import Metrics
 from cloudconnector.proxy.outcome import SessionEnd
 from cloudconnector.proxy.preauth import Gate, GatedReader, discard, unknown_source_refusal
+from cloudconnector.proxy.presence import Presence
 from cloudconnector.proxy.proxyproto import ProxyHeaderError, read_proxy_header
 from cloudconnector.proxy.resolver import Resolver
 from cloudconnector.proxy.session import Deps, serve
@@ -57,15 +58,29 @@ class Proxy:
     """Plain and TLS MQTT listeners relaying each device to its cloud with its own identity."""
 
     def __init__(
-        self, config: ProxyConfig, directory: Directory, keys: KeyReader, metrics: Metrics | None = None
+        self,
+        config: ProxyConfig,
+        directory: Directory,
+        keys: KeyReader,
+        metrics: Metrics | None = None,
+        presence: Presence | None = None,
     ) -> None:
         self.config = config
         self.directory = directory
         self.metrics = metrics or Metrics()
+        self.presence = presence  # live connection status, written by its own task (presence.py)
         contexts = ContextCache(config.default_ca_file)
         resolver = Resolver(config.dns_cache_seconds)
         self.deps = Deps(
-            config, directory, keys, self.metrics, self._track, contexts, resolver, self.live_sessions
+            config,
+            directory,
+            keys,
+            self.metrics,
+            self._track,
+            contexts,
+            resolver,
+            self.live_sessions,
+            presence,
         )
         self.gate = Gate(config.max_unidentified_bytes)  # bytes of connections not yet identified
         self.metrics.unidentified_bytes.set_function(lambda: self.gate.held)

@@ -52,6 +52,8 @@ from cloudconnector.proxy.metrics import DOWN, UP, Metrics
 from cloudconnector.proxy.outcome import SessionEnd
 from cloudconnector.proxy.pipe import LINGER_SECONDS, ended_reason, relay_bytes
 from cloudconnector.proxy.preauth import GatedReader, read_connect
+from cloudconnector.proxy.presence import Presence
+from cloudconnector.proxy.presence import Session as Usage
 from cloudconnector.proxy.resolver import Resolver
 from cloudconnector.proxy.transform import Relay, SessionTransform, TransformError, transform_for
 from cloudconnector.proxy.upstream_tls import ContextCache, device_connection, open_tls
@@ -77,6 +79,7 @@ class Deps:
     contexts: ContextCache
     resolver: Resolver
     live_sessions: Callable[[ObjectRef], int] = lambda device: 0
+    presence: Presence | None = None  # live connection status (status.connection)
 
 
 async def close_writer(writer: asyncio.StreamWriter, grace: float = 2.0) -> None:
@@ -168,11 +171,19 @@ async def serve(
                 log.info("session ended: revoked during setup", extra={**fields, "result": "revoked"})
                 return
             metrics.active.inc()
+            usage = None
+            if deps.presence is not None:
+                usage = deps.presence.opened(
+                    route.device, level, writer.get_extra_info("ssl_object") is not None
+                )
+                usage.wire = upstream.transport
             try:
                 link = Link(reader, writer, level, up_reader, upstream, up_level)
-                why = await _relay(deps, transform, link, Limits(up, down), fields)
+                why = await _relay(deps, transform, link, Limits(up, down), fields, usage)
             finally:
                 metrics.active.dec()
+                if usage is not None and deps.presence is not None:
+                    deps.presence.closed(usage)
         log.info("session ended: %s", why, extra={**fields, "result": "ended", "reason": why})
     except SessionEnd as end:
         metrics.attempts.labels(end.result).inc()
@@ -282,7 +293,12 @@ class Link:
 
 
 async def _relay(
-    deps: Deps, transform: SessionTransform, link: Link, limits: Limits, fields: dict[str, object]
+    deps: Deps,
+    transform: SessionTransform,
+    link: Link,
+    limits: Limits,
+    fields: dict[str, object],
+    usage: Usage | None = None,
 ) -> str:
     """Relay both ways until one side ends; returns why.
 
@@ -305,10 +321,10 @@ async def _relay(
         if getattr(transform, "divert", None):  # e.g. AWS: SUBSCRIBEs to the transform, PUBLISH as bytes
             levels = (link.dev_level, link.up_level)
             m = deps.metrics
-            return await relay_diverted(m, limits, device, cloud, levels, transform, dropped)
-        return await relay_bytes(deps.metrics, limits, device, cloud, link.dev_level, dropped)
-    up = _pump_packets(deps, link, UP, transform.from_device, limits.up, dropped)
-    down = _pump_packets(deps, link, DOWN, transform.from_cloud, limits.down, dropped)
+            return await relay_diverted(m, limits, device, cloud, levels, transform, dropped, usage)
+        return await relay_bytes(deps.metrics, limits, device, cloud, link.dev_level, dropped, usage)
+    up = _pump_packets(deps, link, UP, transform.from_device, limits.up, dropped, usage)
+    down = _pump_packets(deps, link, DOWN, transform.from_cloud, limits.down, dropped, usage)
     session = asyncio.current_task()
     assert session is not None
     down_task = asyncio.ensure_future(down)
@@ -341,6 +357,7 @@ async def _pump_packets(
     handle: Callable[[Packet], Relay],
     limit: int,
     dropped: Callable[[int, int], None],
+    usage: Usage | None = None,
 ) -> str:
     src, src_level = (link.dev_reader, link.dev_level) if direction == UP else (link.up_reader, link.up_level)
     count_bytes = deps.metrics.bytes.labels(direction)
@@ -372,7 +389,10 @@ async def _pump_packets(
             for p in relay.to_device:
                 link.dev_writer.write(encode(p, link.dev_level))
             forwarded = relay.to_cloud if direction == UP else relay.to_device
-            count_msgs.inc(sum(isinstance(p, Publish) for p in forwarded))
+            published = sum(isinstance(p, Publish) for p in forwarded)
+            count_msgs.inc(published)
+            if usage is not None:
+                usage.add(direction == UP, published, len(body) + 2, time.time())
             await link.up_writer.drain()
             await link.dev_writer.drain()
     except asyncio.IncompleteReadError:

@@ -192,6 +192,7 @@ class TLSLink(asyncio.Protocol, asyncio.Transport):
         self._raw: asyncio.Transport | None = None
         self._open = False  # handshake done, the app protocol is connected
         self._closing = False
+        self.wire_bytes = 0  # TLS bytes both ways, handshake included (presence.py: TLS saved)
 
     # -- the TCP side ---------------------------------------------------------------------------
 
@@ -205,6 +206,7 @@ class TLSLink(asyncio.Protocol, asyncio.Transport):
         conn = self._conn
         if conn is None:
             return
+        self.wire_bytes += len(data)
         conn.bio_write(data)
         if not self._open:
             self._advance_handshake()
@@ -287,6 +289,7 @@ class TLSLink(asyncio.Protocol, asyncio.Transport):
                 out = conn.bio_read(FLUSH)
             except SSL.WantReadError:
                 return
+            self.wire_bytes += len(out)
             raw.write(out)
             if len(out) < FLUSH:  # a memory BIO hands over all it has, up to the size asked
                 return

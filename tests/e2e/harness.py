@@ -211,6 +211,7 @@ class Install:
         unless overridden); returns the process and the device-facing port."""
         port = mqtt_port or free_port()
         settings = {
+            "CC_PROXY_POD_NAME": f"{self.release}-proxy-{uuid.uuid4().hex[:5]}",  # the pod's name
             "CC_PROXY_BIND": "127.0.0.1",
             "CC_PROXY_MQTT_PORT": str(port),
             "CC_PROXY_TLS_PORT": "off",

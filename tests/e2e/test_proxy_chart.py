@@ -66,7 +66,8 @@ def chart(kube: Kube, bao: Bao, ns: str, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(scope="module")
 def running(chart: Install) -> Iterator[tuple[Process, Process, int]]:
     operator = chart.operator()
-    proxy, port = chart.proxy()
+    # Counters refreshed every second instead of every minute, so the test sees them soon.
+    proxy, port = chart.proxy(CC_PROXY_STATUS_INTERVAL="1")
     try:
         yield operator, proxy, port
     finally:
@@ -149,9 +150,33 @@ def test_the_directory_follows_devices_through_the_watch(
         # The broker's ACL lets only the certificate with CN meter-61 write below meter-61/.
         assert (got.topic, got.payload) == (f"{cloud_id}/telemetry", b"21.5")
 
+        # Live connection status, written by the proxy with its chart token.
+        def connection() -> dict[str, Any]:
+            return dict(kube.get("Device", ns, "meter-61").get("status", {}).get("connection") or {})
+
+        live = wait_until(
+            "status.connection with the message counted",
+            lambda: (c := connection()).get("messagesUp", 0) >= 1 and c,
+        )
+        assert live["connected"] is True and live["proxy"] == proxy.env["CC_PROXY_POD_NAME"]
+        assert (live["mqttVersion"], live["transport"]) == ("3.1.1", "Plain")
+        assert live["bytesUp"] > 0 and live["tlsBytesSaved"] > 0  # the cloud-side TLS it did not pay for
+        row = kube.kubectl(
+            "get",
+            "ccd",
+            "meter-61",
+            "-n",
+            ns,
+            "-o",
+            "custom-columns=C:.status.connection.connected",
+            "--no-headers",
+        )
+        assert row.stdout.strip() == "true"
+
         # Moved to a Group on another Endpoint: the live session is ended, the next one works.
         kube.kubectl("patch", "ccd", "meter-61", "-n", ns, "--type=merge", "-p", '{"spec":{"group":"b"}}')
         device.ended()
+        wait_until("the ended session shown", lambda: connection().get("connected") is False)
         wait_until(
             "the device Ready at broker-b",
             lambda: (
