@@ -1,7 +1,7 @@
 """Devices speaking plain MQTT through the proxy to a mosquitto that behaves like IoT Hub.
 
-The whole path is real: the provisioner registers each device in the registry double through the
-azure-iot-hub SDK and stores its key in OpenBao; the proxy reads it from there at connect time;
+The whole path is real: the provisioner registers each device in the registry double through its
+REST API and stores its key in OpenBao; the proxy reads it from there at connect time;
 mosquitto plays the hub's data plane: mutual TLS 1.2, the certificate's CN (= device id) as the
 identity, an ACL that lets a device write only ``devices/{id}/messages/events/#``, read only
 ``devices/{id}/messages/devicebound/#``, and use ``$iothub/...``. Like the hub, it trusts exactly

@@ -1,4 +1,4 @@
-"""AzureIotHubProvisioner through the real azure-iot-hub SDK, over HTTPS, against the registry double."""
+"""AzureIotHubProvisioner through its registry REST client, over HTTPS, against the registry double."""
 
 from __future__ import annotations
 
