@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _status(args: argparse.Namespace) -> int:
     from cloudconnector.standalone.store import StateStore
-    from cloudconnector.standalone.table import render
+    from cloudconnector.standalone.table import render, with_connection
 
     path = _state_dir(args.state) / "state.db"
     if not path.exists():
@@ -78,8 +78,11 @@ def _status(args: argparse.Namespace) -> int:
             "all": [api.KIND_ENDPOINT, api.KIND_GROUP, api.KIND_DEVICE],
         }[args.kind]
         tables = []
+        connections = store.connections()
         for kind in kinds:
             objects = store.list(kind, args.namespace)
+            if kind == api.KIND_DEVICE:  # the proxy's live connection, kept apart from status
+                objects = [with_connection(o, connections.get(o.ref)) for o in objects]
             namespaces = {o.ref.namespace for o in objects}
             if objects:
                 tables.append(render(kind, objects, namespace_column=len(namespaces) > 1))

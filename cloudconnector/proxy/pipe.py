@@ -42,8 +42,8 @@ class Pipe(asyncio.Protocol):
 
     __slots__ = (
         "_bytes", "_count_bytes", "_count_msgs", "_count_oversized", "_direction", "_flush_at",
-        "_last_words", "_msgs", "_on_drop", "_scanner", "device_level", "dst", "ended", "origin", "other",
-        "src", "usage",
+        "_last_at", "_last_words", "_msgs", "_on_drop", "_scanner", "_usage", "device_level", "dst",
+        "ended", "origin", "other", "src",
     )  # fmt: skip
 
     def __init__(
@@ -68,7 +68,8 @@ class Pipe(asyncio.Protocol):
         self.ended: asyncio.Future[str] | None = None
         self.other: Pipe | None = None  # the opposite direction
         self.device_level = 0  # the device's MQTT level, for the DISCONNECT before a cut
-        self.usage: Usage | None = None  # the session's live-status record (presence.py)
+        self._usage: Usage | None = None  # the session's live-status record (presence.py)
+        self._last_at = 0.0  # monotonic time of the last chunk, for the record's lastSeen
         self._last_words = ""  # set once a DISCONNECT was sent: why the session ends
 
     def data_received(self, data: bytes) -> None:
@@ -94,9 +95,21 @@ class Pipe(asyncio.Protocol):
         self._bytes += len(data)
         if data:
             self.dst.write(data)
-        if (now := time.monotonic()) >= self._flush_at:
+        self._last_at = now = time.monotonic()
+        if now >= self._flush_at:
             self.flush()
             self._flush_at = now + FLUSH_EVERY
+
+    @property
+    def usage(self) -> Usage | None:
+        return self._usage
+
+    @usage.setter
+    def usage(self, usage: Usage | None) -> None:
+        # The record's writer pulls what an idle pipe has not flushed yet (one message, then quiet).
+        self._usage = usage
+        if usage is not None:
+            usage.pulls.append(self.flush)
 
     def eof_received(self) -> bool:
         self._end("closed")
@@ -117,8 +130,9 @@ class Pipe(asyncio.Protocol):
         if self._bytes:
             self._count_bytes.inc(self._bytes)
             self._count_msgs.inc(self._msgs)
-            if self.usage is not None:
-                self.usage.add(self._direction == UP, self._msgs, self._bytes, time.time())
+            if self._usage is not None:
+                seen = time.time() - (time.monotonic() - self._last_at)
+                self._usage.add(self._direction == UP, self._msgs, self._bytes, seen)
             self._bytes = self._msgs = 0
 
     def _too_large(self, e: PacketTooLarge) -> None:

@@ -72,20 +72,25 @@ class Session:
     last_seen: float = 0.0
     ended: bool = False
     wire: Any = None  # the cloud-side TLS transport, whose ``wire_bytes`` it reads when set
+    pulls: list[Callable[[], None]] = field(default_factory=list)  # hand over unflushed counters
+
+    def pull(self) -> None:
+        for pull in self.pulls:
+            pull()
 
     def wire_total(self) -> int:
         if self.wire is not None:
             self.wire_bytes = int(getattr(self.wire, "wire_bytes", self.wire_bytes))
         return self.wire_bytes
 
-    def add(self, up: bool, messages: int, nbytes: int, now: float) -> None:
+    def add(self, up: bool, messages: int, nbytes: int, seen: float) -> None:
         if up:
             self.messages_up += messages
             self.bytes_up += nbytes
         else:
             self.messages_down += messages
             self.bytes_down += nbytes
-        self.last_seen = now
+        self.last_seen = max(self.last_seen, seen)
 
     def snapshot(self, proxy: str) -> ConnectionStatus:
         saved = 0
@@ -142,8 +147,10 @@ class Presence:
         return session
 
     def closed(self, session: Session) -> None:
+        session.pull()
         session.wire_total()  # the transport is about to go: keep its last count
         session.wire = None
+        session.pulls.clear()
         session.ended = True
         session.last_seen = self.clock()
         entry = self._live.get(session.device)
@@ -168,6 +175,7 @@ class Presence:
             if now - entry.written_at < self.interval:
                 break
             self._live.move_to_end(device)
+            entry.session.pull()
             changed = entry.session.usage() != entry.written_usage
             entry.written_at = now  # looked at: the next look is an interval away
             if changed and device not in self._transitions:

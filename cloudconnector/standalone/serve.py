@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
@@ -22,8 +23,11 @@ from cloudconnector.proxy.config import ProxyConfig, from_mapping
 from cloudconnector.proxy.directory import StaticDirectory
 from cloudconnector.proxy.health import make_app, start_http
 from cloudconnector.proxy.logs import configure_logging
+from cloudconnector.proxy.presence import Presence
 from cloudconnector.proxy.server import Proxy
 from cloudconnector.standalone.app import report, standalone
+from cloudconnector.standalone.presence import StorePresenceSink
+from cloudconnector.standalone.store import StateStore
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +45,19 @@ def proxy_config(env: Mapping[str, str], overrides: Mapping[str, object | None])
 
 @contextlib.asynccontextmanager
 async def proxy_server(
-    directory: StaticDirectory, keys: KeyReader, config: ProxyConfig
+    directory: StaticDirectory, keys: KeyReader, config: ProxyConfig, store: StateStore | None = None
 ) -> AsyncIterator[Proxy]:
     """The proxy routing by ``directory``, with its health and metrics endpoint when configured;
-    ``proxy.ports`` holds the bound ports (useful with port 0)."""
-    proxy = Proxy(config, directory, keys)
+    ``proxy.ports`` holds the bound ports (useful with port 0). With ``store``, each device's live
+    connection is kept there for ``cloud-connector status``."""
+    presence = None
+    if store is not None and config.connection_status:
+        name = config.pod_name or socket.gethostname()
+        presence = Presence(
+            StorePresenceSink(store), name, config.status_interval, config.status_writes_per_second
+        )
+    proxy = Proxy(config, directory, keys, presence=presence)
+    writer = asyncio.create_task(presence.run()) if presence is not None else None
     http = None
     try:
         if config.http_port is not None:
@@ -56,6 +68,10 @@ async def proxy_server(
         yield proxy
     finally:
         await proxy.stop(0)
+        if presence is not None and writer is not None:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            await presence.drain()
         if http is not None:
             await http.cleanup()
 
@@ -96,7 +112,9 @@ async def run_command(
                 loop.add_signal_handler(sig, stop.set)
         async with contextlib.AsyncExitStack() as stack:
             if proxy is not None and (proxy.mqtt_port is not None or proxy.tls_port is not None):
-                server = await stack.enter_async_context(proxy_server(sa.directory, sa.keys.reader, proxy))
+                server = await stack.enter_async_context(
+                    proxy_server(sa.directory, sa.keys.reader, proxy, sa.store)
+                )
                 logger.info("proxy listening on %s", proxy.bind, extra={"ports": dict(server.ports)})
             watcher = asyncio.create_task(sa.runner.watch(interval))
             await stop.wait()

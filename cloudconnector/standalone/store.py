@@ -35,8 +35,16 @@ CREATE TABLE IF NOT EXISTS objects (
     manifest TEXT NOT NULL,
     status TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (kind, namespace, name)
+);
+CREATE TABLE IF NOT EXISTS connections (
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    connection TEXT NOT NULL,
+    PRIMARY KEY (namespace, name)
 )
 """
+# Live connection status lives apart from ``objects.status``: the proxy writes it while the
+# reconciler rewrites whole statuses, and neither may undo the other's writes.
 
 
 def _now() -> str:
@@ -66,7 +74,7 @@ class StateStore:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives a killed process
-        self._db.execute(_SCHEMA)
+        self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -134,6 +142,27 @@ class StateStore:
                 "DELETE FROM objects WHERE kind = ? AND namespace = ? AND name = ?",
                 (kind, ref.namespace, ref.name),
             )
+            if kind == "Device":
+                self._db.execute(
+                    "DELETE FROM connections WHERE namespace = ? AND name = ?", (ref.namespace, ref.name)
+                )
+
+    def set_connection(self, ref: ObjectRef, connection: Mapping[str, Any]) -> bool:
+        """A Device's live connection (``status.connection``); False if the Device is gone."""
+        with self._lock:
+            if self._row("Device", ref) is None:
+                return False
+            self._db.execute(
+                "INSERT INTO connections (namespace, name, connection) VALUES (?, ?, ?)"
+                " ON CONFLICT (namespace, name) DO UPDATE SET connection = excluded.connection",
+                (ref.namespace, ref.name, json.dumps(dict(connection))),
+            )
+        return True
+
+    def connections(self) -> dict[ObjectRef, dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT namespace, name, connection FROM connections").fetchall()
+        return {ObjectRef(ns, name): json.loads(text) for ns, name, text in rows}
 
     def kinds(self) -> Iterator[str]:
         with self._lock:

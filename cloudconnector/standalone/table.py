@@ -39,6 +39,8 @@ COLUMNS: Mapping[str, Sequence[Column]] = {
         ("GROUP", "spec.group"),
         ("ENDPOINT", "status.endpoint"),
         ("CLOUD ID", "status.cloudId"),
+        ("CONNECTED", "status.connection.connected"),
+        ("LAST SEEN", "status.connection.lastSeen"),
         ("AGE", "metadata.creationTimestamp"),
     ),
 }
@@ -68,6 +70,14 @@ def age(stamp: str | None, now: datetime | None = None) -> str:
     return f"{seconds}s"
 
 
+def with_connection(obj: StoredObject, connection: Mapping[str, Any] | None) -> StoredObject:
+    """``obj`` with ``status.connection`` filled in from the store's connections table."""
+    if not connection:
+        return obj
+    body = {**obj.body, "status": {**obj.status, "connection": dict(connection)}}
+    return StoredObject(obj.kind, obj.ref, obj.source, body)
+
+
 def render(kind: str, objects: Iterable[StoredObject], *, namespace_column: bool = False) -> str:
     columns = list(COLUMNS[kind])
     if namespace_column:
@@ -77,8 +87,10 @@ def render(kind: str, objects: Iterable[StoredObject], *, namespace_column: bool
         row = []
         for header, path in columns:
             value = _lookup(obj.body, path)
-            if header == "AGE":
-                row.append(age(value))
+            if header in ("AGE", "LAST SEEN"):
+                row.append(age(value) if value else "")
+            elif isinstance(value, bool):
+                row.append(str(value).lower())  # as kubectl prints a boolean column
             else:
                 row.append("" if value is None else str(value))
         rows.append(row)
