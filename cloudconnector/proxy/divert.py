@@ -136,12 +136,12 @@ class DivertScanner:
                 pos = i
                 continue
             ptype = header >> 4
+            publishes += ptype == PUBLISH  # a diverted one is still relayed, rewritten
             if self._divert[ptype]:
                 self._held = bytearray(chunk[pos : pos + 1])
                 self._held_need = length
                 pos = i
                 continue
-            publishes += ptype == PUBLISH
             out.append(chunk[pos:i])
             self._skip = length
             pos = i

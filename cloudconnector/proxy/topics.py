@@ -27,6 +27,7 @@ from cloudconnector.mqtt.packets import (
     Connack,
     Connect,
     Packet,
+    PacketType,
     Publish,
     Subscribe,
     Subscription,
@@ -87,8 +88,10 @@ def _ids(raw: bytes) -> set[int]:
 class TopicLayer:
     """One session's template layer, composed in front of the cloud's transform (``transform.Chain``)."""
 
-    packet_relay = True  # every PUBLISH is rewritten: the per-packet path
-    divert: frozenset[int] = frozenset()
+    # Every PUBLISH is rewritten, but on the byte relay's framing (proxy/divert.py): only the packets
+    # that carry topics are decoded, and no coroutine runs per packet.
+    packet_relay = False
+    divert = frozenset({PacketType.PUBLISH, PacketType.SUBSCRIBE, PacketType.UNSUBSCRIBE})
 
     def __init__(self, route: Route) -> None:
         self.route = route

@@ -29,6 +29,7 @@ from cloudconnector.mqtt.packets import (
     MQTT_5,
     MQTT_311,
     Disconnect,
+    PacketType,
     Publish,
     Suback,
     Subscribe,
@@ -207,7 +208,7 @@ def test_default_aws_policy_follows_the_template() -> None:
 # ---------------------------------------------------------------- which relay
 
 
-def test_only_templated_sessions_leave_the_byte_relay() -> None:
+def test_which_relay_each_session_gets() -> None:
     route = Route(
         device=ObjectRef("f", "d"),
         iccid="89353010000000000011",
@@ -224,7 +225,8 @@ def test_only_templated_sessions_leave_the_byte_relay() -> None:
     aws = transform_for(replace(route, endpoint_type=EndpointType.AWS))
     assert not aws.packet_relay and aws.divert  # bytes, SUBSCRIBEs aside (subscription limits)
     templated = transform_for(replace(route, topic_prefix="fleet/d/"))
-    assert isinstance(templated, Chain) and templated.packet_relay
+    assert isinstance(templated, Chain) and not templated.packet_relay  # bytes framed, topics rewritten
+    assert {PacketType.PUBLISH, PacketType.SUBSCRIBE, PacketType.UNSUBSCRIBE} <= templated.divert
 
 
 def test_alias_only_publishes_keep_their_empty_topic_both_ways() -> None:
