@@ -677,7 +677,7 @@ async def test_operator_statuses_events_and_output_leak_nothing(
         events += resource.plural == "events"
         texts.append((f"{resource.plural} {ns}/{name} (every version)", repr(obj)))
     assert events >= 5
-    assert "DEBUG" in texts[0][1]  # the operator did log at DEBUG
+    assert '"level": "debug"' in texts[0][1]  # the operator did log at DEBUG (JSON lines)
     scanned = scanner.assert_clean(texts)  # apart: pytest would print the texts of a failed assert
     assert scanned > 10
 
