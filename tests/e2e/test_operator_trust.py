@@ -379,6 +379,39 @@ def test_an_operator_without_rights_says_so_in_one_line(kube: Kube, chart: Insta
     assert "RBAC" in line["message"]
 
 
+def test_an_operator_that_may_list_but_not_watch_says_so(kube: Kube, chart: Install, tmp_path: Path) -> None:
+    ns = kube.namespace("trust-nowatch")
+    rules = [
+        {
+            "apiGroups": ["cloudconnector.io"],
+            "resources": ["endpoints", "groups", "devices"],
+            "verbs": ["get", "list"],
+        }
+    ]
+    kube.apply(
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "reader", "namespace": ns}},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": "reader", "namespace": ns},
+            "rules": rules,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "reader", "namespace": ns},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "reader"},
+            "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": ns}],
+        },
+    )
+    kubeconfig = kube.kubeconfig_for_token(kube.service_account_token(ns, "reader"), tmp_path / "kc")
+    env = {**chart.env("operator"), "KUBECONFIG": str(kubeconfig), "CLOUDCONNECTOR_NAMESPACES": ns}
+    code, lines = _run_to_exit(env)
+    assert code == 2 and len(lines) == 1, lines
+    message = json.loads(lines[0])["message"]
+    assert f"not allowed to watch endpoints.cloudconnector.io in namespace {ns}" in message
+
+
 def test_with_no_settings_the_operator_runs(
     kube: Kube, chart: Install, moto_server: Moto, tmp_path: Path
 ) -> None:
