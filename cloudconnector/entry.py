@@ -35,12 +35,32 @@ def _guarded(command: str, main: Callable[[], Callable[..., Any]], argv: Sequenc
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+
     def load() -> Callable[..., Any]:
+        if "run" in args and "--once" not in args:
+            _proxy_self_check()  # `run` serves the proxy: the same check as cloud-connector-proxy's
         from cloudconnector.cli import main
 
         return main
 
-    return _guarded("cloud-connector", load, argv)
+    try:
+        return _guarded("cloud-connector", load, args)
+    except _Refused as e:
+        print(f"cloud-connector: {e}", file=sys.stderr)
+        return 2
+
+
+class _Refused(Exception):
+    """The installed pyOpenSSL lacks an internal the proxy uses (the message says which)."""
+
+
+def _proxy_self_check() -> None:
+    from cloudconnector.proxy.openssl_private import self_check
+
+    missing = self_check()
+    if missing is not None:
+        raise _Refused(missing)
 
 
 OPERATOR_HELP = """\
