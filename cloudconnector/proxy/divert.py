@@ -15,12 +15,13 @@ they never land inside a packet being relayed.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 from cloudconnector.mqtt.codec import MalformedPacket, PacketTooLarge, check_fixed_header, decode, encode
 from cloudconnector.proxy.limits import Limits
 from cloudconnector.proxy.metrics import DOWN, UP, Metrics
-from cloudconnector.proxy.pipe import DropHook, Pipe, take_buffered
+from cloudconnector.proxy.pipe import FLUSH_EVERY, DropHook, Pipe, take_buffered
 from cloudconnector.proxy.presence import Session as Usage
 from cloudconnector.proxy.transform import Relay, SessionTransform, TransformError
 
@@ -161,7 +162,7 @@ class DivertPipe(Pipe):
     __slots__ = ()
 
     def data_received(self, data: bytes) -> None:
-        if getattr(self, "_last_words", ""):
+        if self._last_words:
             return  # after a DISCONNECT to the device (pipe.py): dropped while it reads that
         scanner: DivertScanner = self._scanner  # type: ignore[assignment]
         dropped = scanner.dropped
@@ -186,6 +187,10 @@ class DivertPipe(Pipe):
             self.dst.write(data)
         if isinstance(self.other, DivertPipe):
             self.other.flush_pending()
+        self._last_at = now = time.monotonic()  # as Pipe does: lastSeen, counters once a second
+        if now >= self._flush_at:
+            self.flush()
+            self._flush_at = now + FLUSH_EVERY
 
     def flush_pending(self) -> None:
         """Write what the other direction left for this stream, if it is between packets now."""

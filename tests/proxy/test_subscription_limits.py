@@ -32,10 +32,11 @@ from cloudconnector.proxy.divert import DivertScanner
 from cloudconnector.proxy.subscriptions import LIMITS, SubscriptionLimits
 from cloudconnector.routes import Route
 from tests.proxy.conftest import Client, ProxyThread, World, broker_log
-from tests.proxy.mqtt_raw import connect, read_one, send
+from tests.proxy.mqtt_raw import connect, metric, read_one, send
 from tests.support.procs import Mosquitto
 
 QUOTA_EXCEEDED = 0x97
+MESSAGES = "cloudconnector_proxy_messages_total"
 
 
 def log_mark(broker: Mosquitto) -> int:
@@ -203,3 +204,25 @@ def test_scanner_cuts_out_only_the_diverted_packets() -> None:
     assert count == 2 and scanner.dropped == 1 and scanner.last_dropped == len(big)
     assert seen == [(sub[0], sub[2:])]
     assert other.pending == [b"<other>"]
+
+
+def test_counters_of_a_live_session_are_flushed(world: World, proxy: ProxyThread, admin: Client) -> None:
+    # The AWS relay counts like the byte relay: PUBLISH both ways, at least once a second while live.
+    route = world.add()
+    admin.subscribe(f"{route.client_id}/#", 1)
+    s = open_device(proxy, route, MQTT_311)
+    assert subscribe(s, 1, [f"{route.client_id}/in"], MQTT_311).reason_codes == (1,)
+    before_up = metric(proxy, MESSAGES, direction="device_to_cloud")
+    before_down = metric(proxy, MESSAGES, direction="cloud_to_device")
+    send(s, Publish(f"{route.client_id}/out", b"1", 1, packet_id=2), MQTT_311)
+    assert isinstance(read_one(s, MQTT_311), Puback)
+    admin.publish(f"{route.client_id}/in", b"2")
+    assert isinstance(read_one(s, MQTT_311), Publish)
+    time.sleep(1.1)  # past the flush interval; the next chunk each way flushes
+    send(s, Publish(f"{route.client_id}/out", b"3", 0), MQTT_311)
+    admin.publish(f"{route.client_id}/in", b"4", qos=0)
+    assert isinstance(read_one(s, MQTT_311), Publish)
+    time.sleep(0.2)
+    assert metric(proxy, MESSAGES, direction="device_to_cloud") - before_up >= 2
+    assert metric(proxy, MESSAGES, direction="cloud_to_device") - before_down >= 2
+    s.close()
