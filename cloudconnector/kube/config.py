@@ -22,7 +22,8 @@ import os
 import ssl
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,6 +58,7 @@ class Connection:
     cert_file: str | None = None
     key_file: str | None = None
     insecure: bool = False
+    expires: datetime | None = None  # an exec plugin's expirationTimestamp, for kopf
 
 
 class KubeConfig:
@@ -122,7 +124,7 @@ class KubeConfig:
             due = time.monotonic() - self._fetched > REFRESH_SECONDS
             if self._current is None or fresh or due:
                 try:
-                    self._current = await self._login.connection(self.server)
+                    self._current = await self._login.connection(self.server, fresh=fresh)
                 except KubeLoginError:
                     if self._current is None:
                         raise
@@ -134,7 +136,7 @@ class KubeConfig:
 class _Login:
     source: str
 
-    async def connection(self, server: str) -> Connection:
+    async def connection(self, server: str, *, fresh: bool) -> Connection:
         raise NotImplementedError
 
 
@@ -158,15 +160,20 @@ class _Kubeconfig(_Login):
         except (ConfigException, AssertionError, KeyError, TypeError, OSError, ValueError) as e:
             raise KubeLoginError(self.source, _why(e, "has no such context or cluster")) from None
 
-    async def connection(self, server: str) -> Connection:
+    async def connection(self, server: str, *, fresh: bool) -> Connection:
         from kubernetes_asyncio.client.configuration import Configuration
 
+        if fresh:
+            # The server refused the last credentials: run the exec plugin again even though its
+            # answer claimed to be valid for longer (the loader keeps it until that time).
+            vars(self._loader).pop("exec_plugin_expiry", None)
         conf = Configuration()
         try:
             await self._loader.load_and_set(conf)
         except Exception as e:  # the plugin's failure, in its own words (never its output)
             raise KubeLoginError(self.source, _why(e, "login failed")) from None
-        return _from_configuration(conf)
+        expires = getattr(self._loader, "exec_plugin_expiry", None)
+        return replace(_from_configuration(conf), expires=expires if isinstance(expires, datetime) else None)
 
 
 class _InCluster(_Login):
@@ -178,7 +185,7 @@ class _InCluster(_Login):
         self._env = env
         self._dir = sa_dir
 
-    async def connection(self, server: str) -> Connection:
+    async def connection(self, server: str, *, fresh: bool) -> Connection:
         from kubernetes_asyncio.client.configuration import Configuration
         from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
 
@@ -248,6 +255,7 @@ async def kopf_connection_info(config: KubeConfig) -> kopf.ConnectionInfo:
         private_key_path=conn.key_file,
         insecure=conn.insecure or None,
         default_namespace=config.default_namespace,
+        expiration=conn.expires,  # kopf logs in again before an exec credential runs out
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import sys
 import textwrap
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +21,23 @@ from tests.support.kube import ApiError, Kube
 DEVICES = Resource("cloudconnector.io", "v1alpha1", "devices")
 
 # Prints an ExecCredential whose token is the next line of TOKENS (the last one once all are used),
-# and counts its runs in CALLS: what a cloud's token plugin does, minus the cloud.
+# valid for an hour if EXPIRES is given, and counts its runs in CALLS: what a cloud's token plugin
+# (aws eks get-token, gke-gcloud-auth-plugin) does, minus the cloud.
 PLUGIN = textwrap.dedent(
     """\
-    import json, pathlib, sys
+    import datetime, json, pathlib, sys
     tokens = pathlib.Path(sys.argv[1]).read_text().split()
     calls = pathlib.Path(sys.argv[2])
     n = int(calls.read_text()) if calls.exists() else 0
     calls.write_text(str(n + 1))
     if not tokens:
         sys.exit("no token for you")
+    status = {"token": tokens[min(n, len(tokens) - 1)]}
+    if len(sys.argv) > 3:
+        hour = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)
+        status["expirationTimestamp"] = hour.strftime("%Y-%m-%dT%H:%M:%SZ")
     print(json.dumps({
-        "apiVersion": "client.authentication.k8s.io/v1",
-        "kind": "ExecCredential",
-        "status": {"token": tokens[min(n, len(tokens) - 1)]},
+        "apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential", "status": status,
     }))
     """
 )
@@ -104,15 +108,16 @@ def _kubeconfig(kube: Kube, path: Path, user: dict[str, Any], namespace: str) ->
     return path
 
 
-def _exec_user(tmp: Path, tokens: list[str]) -> tuple[dict[str, Any], Path]:
+def _exec_user(tmp: Path, tokens: list[str], *, expires: bool = False) -> tuple[dict[str, Any], Path]:
     plugin, token_list, calls = tmp / "plugin.py", tmp / "tokens", tmp / "calls"
     plugin.write_text(PLUGIN)
     token_list.write_text("\n".join(tokens))
+    args = [str(plugin), str(token_list), str(calls), *(["expires"] if expires else [])]
     user = {
         "exec": {
             "apiVersion": "client.authentication.k8s.io/v1",
             "command": sys.executable,
-            "args": [str(plugin), str(token_list), str(calls)],
+            "args": args,
             "interactiveMode": "Never",
         }
     }
@@ -144,13 +149,18 @@ async def test_exec_plugin_user_lists_devices(kube: Kube, fleet_ns: str, tmp_pat
     assert calls.read_text() == "1"  # the plugin ran once, and its token was used for the list
 
 
-async def test_expired_exec_credential_is_fetched_again(kube: Kube, fleet_ns: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("expires", [False, True], ids=["no-expiry", "claims-an-hour"])
+async def test_refused_exec_credential_is_fetched_again(
+    kube: Kube, fleet_ns: str, tmp_path: Path, expires: bool
+) -> None:
     # The plugin's first answer is a token the server no longer accepts (a ServiceAccount since
-    # deleted); the 401 makes the client run the plugin again and retry with the new token.
+    # deleted), even if it claims to be good for an hour; the 401 makes the client run the plugin
+    # again and retry with the new token.
     gone = kube.service_account_token(fleet_ns, "rotated-out")
     kube.request("DELETE", f"/api/v1/namespaces/{fleet_ns}/serviceaccounts/rotated-out")
     _wait_refused(kube, gone, fleet_ns)
-    user, calls = _exec_user(tmp_path, [gone, kube.service_account_token(fleet_ns, "reader")])
+    tokens = [gone, kube.service_account_token(fleet_ns, "reader")]
+    user, calls = _exec_user(tmp_path, tokens, expires=expires)
     config = KubeConfig.from_env({"KUBECONFIG": str(_kubeconfig(kube, tmp_path / "config", user, fleet_ns))})
     client = KubeClient(config)
     try:
@@ -213,11 +223,14 @@ def test_kubeconfig_without_the_named_context_is_refused(kube: Kube, tmp_path: P
 
 async def test_kopf_logs_in_with_the_same_credentials(kube: Kube, fleet_ns: str, tmp_path: Path) -> None:
     token = kube.service_account_token(fleet_ns, "reader")
-    user, _ = _exec_user(tmp_path, [token])
+    user, _ = _exec_user(tmp_path, [token], expires=True)
     path = _kubeconfig(kube, tmp_path / "config", user, fleet_ns)
     info = await kopf_connection_info(KubeConfig.from_env({"KUBECONFIG": str(path)}))
     assert (info.server, info.scheme, info.token) == (kube.server, "Bearer", token)
     assert info.default_namespace == fleet_ns
+    # kopf learns when the plugin's credential runs out, and logs in again before then.
+    assert info.expiration is not None
+    assert 3500 < (info.expiration - datetime.now(UTC)).total_seconds() <= 3600
     assert info.ca_path is not None and _text(info.ca_path) == kube.ca_pem.strip()
 
 
