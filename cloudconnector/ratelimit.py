@@ -16,11 +16,13 @@ MAX_IN_FLIGHT = 128
 """Most devices one Endpoint works on at once, whatever the rate and the cloud's latency (each
 holds a cloud-call thread while it waits for an answer, see ``clouds.aws_api.CALL_THREADS``)."""
 MIN_IN_FLIGHT = 4
-FIRST_GUESS = 2.0
+FIRST_GUESS = 1.0
 """Seconds one device's work is assumed to take until the first ones have been measured."""
-HEADROOM = 1.5
-"""In-flight devices allowed per device the rate and the measured time need (Little's law), so a
-slower stretch does not at once hold the rate below the cap."""
+HEADROOM = 2.0
+"""In-flight devices allowed per device the rate and the base time need (Little's law): room for
+devices slower than the fastest (latency jitter, a throttled call's backoff)."""
+DRIFT = 0.005
+"""How far the base time moves toward the typical time with each finished device."""
 
 
 class RateLimiter:
@@ -51,7 +53,13 @@ class RateLimiter:
         self._lock = asyncio.Lock()
         self._in_flight = 0
         self._released = asyncio.Event()
-        self._device_time = first_guess  # moving average of one admitted device's work
+        # One device's work, in seconds: typical (moving average) and base (the fastest seen,
+        # creeping slowly toward typical). Sizing from the base keeps a machine that cannot keep
+        # up with the rate from filling up with devices that only wait for it, which would delay
+        # every one of them; a lasting change of the cloud's latency is followed within a few
+        # hundred devices.
+        self._typical = first_guess
+        self._base = first_guess
 
     @property
     def in_flight(self) -> int:
@@ -59,9 +67,13 @@ class RateLimiter:
 
     @property
     def in_flight_limit(self) -> int:
-        """Devices allowed at once: rate x measured time per device x headroom, within bounds."""
-        wanted = math.ceil(self.rate * self._device_time * HEADROOM) + 1
+        """Devices allowed at once: rate x base time per device x headroom, within bounds."""
+        wanted = math.ceil(self.rate * self._base * HEADROOM) + 1
         return min(self.max_in_flight, max(MIN_IN_FLIGHT, wanted))
+
+    def _measured(self, seconds: float) -> None:
+        self._typical = 0.8 * self._typical + 0.2 * seconds
+        self._base = min(seconds, self._base + DRIFT * (self._typical - self._base))
 
     async def acquire(self) -> None:
         """One token (one call, or one device that needs no slot)."""
@@ -81,9 +93,11 @@ class RateLimiter:
         started = time.monotonic()
         try:
             yield
+            # Only finished work is timed: a device failing at once (keys revoked) says nothing
+            # about how long one takes.
+            self._measured(time.monotonic() - started)
         finally:
             self._in_flight -= 1
-            self._device_time = 0.8 * self._device_time + 0.2 * (time.monotonic() - started)
             self._released.set()
 
     async def _take_token(self) -> None:
