@@ -141,5 +141,6 @@ class GroupStatus(TypedDict, total=False):
     provisioned: int
     failed: int
     pending: int
+    connected: int  # devices whose status.connection says connected
     observedGeneration: int
     conditions: list[ConditionRecord]

@@ -35,9 +35,18 @@ def group_status(
     device_statuses: Iterable[Mapping[str, Any] | None],
     *,
     endpoint_exists: bool,
+    connected: int | None = None,
 ) -> dict[str, Any]:
+    """``connected``: how many devices the proxy shows connected (the operator counts them from
+    its index); None counts ``status.connection`` of ``device_statuses`` (the standalone mode)."""
     st = cond.working_copy(status)
-    st.update(count(device_statuses))
+    statuses = list(device_statuses)
+    st.update(count(statuses))
+    st["connected"] = (
+        connected
+        if connected is not None
+        else sum(bool(((s or {}).get("connection") or {}).get("connected")) for s in statuses)
+    )
     st["endpoint"] = group.endpoint
     st["observedGeneration"] = group.generation
     if not endpoint_exists:

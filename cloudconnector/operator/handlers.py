@@ -318,9 +318,12 @@ async def _refresh_group(
     devices_by_group: kopf.Index[Any, Any],
     *,
     retrigger: bool,
+    connected: int = 0,
 ) -> None:
     with about("Group", namespace, name):
-        await _refresh_group_here(namespace, name, memo, endpoints_idx, devices_by_group, retrigger=retrigger)
+        await _refresh_group_here(
+            namespace, name, memo, endpoints_idx, devices_by_group, retrigger=retrigger, connected=connected
+        )
 
 
 async def _refresh_group_here(
@@ -331,6 +334,7 @@ async def _refresh_group_here(
     devices_by_group: kopf.Index[Any, Any],
     *,
     retrigger: bool,
+    connected: int = 0,
 ) -> None:
     rt = _runtime(memo)
     async with rt.lock("group", namespace, name):
@@ -341,7 +345,8 @@ async def _refresh_group_here(
         status = body.get("status") or {}
         members = list(all_of(devices_by_group, (namespace, name)))
         exists = one(endpoints_idx, (namespace, group.endpoint)) is not None
-        new = group_status(group, status, ({"phase": phase} for _, phase in members), endpoint_exists=exists)
+        phases = ({"phase": phase} for _, phase in members)
+        new = group_status(group, status, phases, endpoint_exists=exists, connected=connected)
         await rt.saver(GROUPS, namespace, name, status)(new)
         moved = bool(status.get("endpoint")) and status.get("endpoint") != group.endpoint
     if moved:
@@ -361,10 +366,14 @@ async def group_changed(
     memo: kopf.Memo,
     endpoints_idx: kopf.Index[Any, Any],
     devices_by_group: kopf.Index[Any, Any],
+    devices_connected: kopf.Index[Any, Any],
     **_: Any,
 ) -> None:
+    connected = len(list(all_of(devices_connected, (namespace, name))))
     try:
-        await _refresh_group(namespace, name, memo, endpoints_idx, devices_by_group, retrigger=True)
+        await _refresh_group(
+            namespace, name, memo, endpoints_idx, devices_by_group, retrigger=True, connected=connected
+        )
     except InvalidSpec as e:
         raise kopf.PermanentError(str(e)) from e
 
@@ -378,10 +387,14 @@ async def group_counts(
     memo: kopf.Memo,
     endpoints_idx: kopf.Index[Any, Any],
     devices_by_group: kopf.Index[Any, Any],
+    devices_connected: kopf.Index[Any, Any],
     **_: Any,
 ) -> None:
+    connected = len(list(all_of(devices_connected, (namespace, name))))
     with contextlib.suppress(InvalidSpec):  # reported by group_changed
-        await _refresh_group(namespace, name, memo, endpoints_idx, devices_by_group, retrigger=False)
+        await _refresh_group(
+            namespace, name, memo, endpoints_idx, devices_by_group, retrigger=False, connected=connected
+        )
 
 
 # -- Endpoints -------------------------------------------------------------------------------

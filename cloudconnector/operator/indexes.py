@@ -37,6 +37,16 @@ def devices_by_group(
 
 
 @kopf.index(api.GROUP, api.VERSION, api.DEVICES)
+def devices_connected(
+    namespace: str, name: str, spec: kopf.Spec, status: kopf.Status, **_: Any
+) -> dict[tuple[str, str], str]:
+    """Devices the proxy shows connected now (``status.connection``), by Group."""
+    group = spec.get("group")
+    connected = bool((status.get("connection") or {}).get("connected"))
+    return {(namespace, group): name} if group and connected else {}
+
+
+@kopf.index(api.GROUP, api.VERSION, api.DEVICES)
 def device_peers(namespace: str, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any) -> dict[Claim, Peer]:
     """Devices by identity key, across every namespace the operator watches: that is the scope
     the proxy serves (:class:`cloudconnector.identity.Scope`), so it is where a key must be unique."""

@@ -370,13 +370,14 @@ class Runner:
 
     def _groups(self, removed: Callable[[StoredObject], bool]) -> None:
         devices = self.store.list(api.KIND_DEVICE)
+        connections = self.store.connections()  # the proxy's live status, kept apart from status
         for obj in self.store.list(api.KIND_GROUP):
             if removed(obj):
                 self._delete(api.KIND_GROUP, obj.ref)
                 continue
             group = parse_group(obj.body)
             members = [
-                d.status
+                {**d.status, "connection": connections.get(d.ref) or {}}
                 for d in devices
                 if d.ref.namespace == group.ref.namespace
                 and d.body.get("spec", {}).get("group") == group.ref.name

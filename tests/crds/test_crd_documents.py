@@ -84,7 +84,16 @@ STATUS_FIELDS = {
         "connection",
     },
     "Endpoint": {"phase", "host", "port", "conditions", "observedGeneration"},
-    "Group": {"endpoint", "total", "provisioned", "failed", "pending", "conditions", "observedGeneration"},
+    "Group": {
+        "endpoint",
+        "total",
+        "provisioned",
+        "failed",
+        "pending",
+        "connected",
+        "conditions",
+        "observedGeneration",
+    },
 }
 PHASES = {
     "Device": ["Pending", "Provisioning", "Ready", "Failed", "Conflict", "Deleting"],
@@ -115,6 +124,7 @@ PRINTER_COLUMNS = {
         ("Provisioned", ".status.provisioned", 0),
         ("Failed", ".status.failed", 0),
         ("Pending", ".status.pending", 0),
+        ("Connected", ".status.connected", 0),
         ("Age", ".metadata.creationTimestamp", 0),
     ],
 }

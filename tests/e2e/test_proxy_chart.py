@@ -172,6 +172,11 @@ def test_the_directory_follows_devices_through_the_watch(
             "--no-headers",
         )
         assert row.stdout.strip() == "true"
+        # The Group counts it (the operator, from the same status).
+        wait_until(
+            "the Group's connected count",
+            lambda: kube.get("Group", ns, "a").get("status", {}).get("connected") == 1,
+        )
 
         # Moved to a Group on another Endpoint: the live session is ended, the next one works.
         kube.kubectl("patch", "ccd", "meter-61", "-n", ns, "--type=merge", "-p", '{"spec":{"group":"b"}}')

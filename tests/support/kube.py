@@ -234,8 +234,17 @@ class Kube:
 
 def install_crds(kube: Kube, crd_dir: Path = CRDS) -> None:
     """Apply the CRDs and wait until each is Established and its schema is in force."""
-    # The trailing slash follows a symlinked folder.
-    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", f"{crd_dir}/")
+    # The trailing slash follows a symlinked folder. Right after start the API's discovery may not
+    # list apiextensions yet: kubectl then says "no matches for kind"; look again with a fresh cache.
+    deadline = time.monotonic() + 60
+    while True:
+        done = kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", f"{crd_dir}/", check=False)
+        if done.returncode == 0:
+            break
+        if "no matches for kind" not in done.stderr or time.monotonic() > deadline:
+            raise AssertionError(f"kubectl apply -f {crd_dir}/ failed: {done.stderr.strip()}")
+        shutil.rmtree(kube.workdir / "kubectl-cache", ignore_errors=True)
+        time.sleep(0.5)
     for path in sorted(crd_dir.glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc:
