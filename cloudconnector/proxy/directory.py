@@ -44,7 +44,7 @@ def _same_session(a: Route, b: Route) -> bool:
         b.client_id,
         b.certificate_id,
         b.ca_pem,
-    )
+    ) and (a.topic_prefix, a.topic_error) == (b.topic_prefix, b.topic_error)  # topics rewritten anew
 
 
 def _claims(route: Route) -> tuple[Claim, ...]:

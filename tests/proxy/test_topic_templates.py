@@ -431,3 +431,22 @@ def test_subscribe_split_and_template_compose(
     assert isinstance(got, Publish) and got.topic == "t/11"
     send(s, Disconnect(), MQTT_311)
     s.close()
+
+
+def test_a_changed_template_ends_the_live_session(
+    fleet: World, fleet_proxy: ProxyThread, backend: Client, clients: list[Client]
+) -> None:
+    route = templated(fleet_proxy, fleet)
+    device = Client("firmware", bind=route.ip or "")
+    clients.append(device)
+    assert device.connect(fleet_proxy.port) == 0
+    changed = replace(route, topic_prefix=f"fleet/{route.client_id}/v2/")
+    fleet_proxy.run(lambda: fleet.directory.put(changed))
+    device.disconnects.get(timeout=10)  # the session is ended; a reconnect gets the new prefix
+    backend.subscribe(f"fleet/{route.client_id}/v2/#", 1)
+    device.close()
+    device = Client("firmware", bind=route.ip or "")
+    clients.append(device)
+    assert device.connect(fleet_proxy.port) == 0
+    device.publish("telemetry", b"v2")
+    assert backend.expect().topic == f"fleet/{route.client_id}/v2/telemetry"
