@@ -554,7 +554,8 @@ def run(args: argparse.Namespace) -> int:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-real-")))
         ns = setup_namespace(kube, aws.url, args.rate)
         cluster = kube.workdir / "cluster"
-        pids = {"moto": moto.proc.pid, "bao": bao.proc.pid}
+        # "bench": this process, which also runs both relays and the watch.
+        pids = {"moto": moto.proc.pid, "bao": bao.proc.pid, "bench": os.getpid()}
         for name in ("apiserver", "etcd"):
             with contextlib.suppress(OSError, ValueError):  # a cluster of CLOUDCONNECTOR_E2E_KUBECONFIG
                 pids[name] = int((cluster / f"{name}.pid").read_text())
