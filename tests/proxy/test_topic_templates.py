@@ -21,7 +21,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from cloudconnector import topic_template
+from cloudconnector import schema, topic_template
 from cloudconnector.clouds.aws_policy import policy_document
 from cloudconnector.errors import InvalidSpec
 from cloudconnector.model import AwsSpec, EndpointType, ObjectRef, parse_endpoint, parse_group
@@ -450,3 +450,12 @@ def test_a_changed_template_ends_the_live_session(
     assert device.connect(fleet_proxy.port) == 0
     device.publish("telemetry", b"v2")
     assert backend.expect().topic == f"fleet/{route.client_id}/v2/telemetry"
+
+
+def test_standalone_validation_explains_the_template_in_words() -> None:
+    # What cloud-connector run and validate say for a manifest no API server checked.
+    for body in (_endpoint("fleet/{serial}/"), _group("fleet")):
+        body = {k: v for k, v in body.items() if k != "status"}
+        errors = {e.path: e.message for e in schema.validate(body)}
+        assert errors["spec.topicTemplate"].startswith("must be a topic prefix ending in '/'")
+    assert schema.validate({k: v for k, v in _endpoint().items() if k != "status"}) == []
