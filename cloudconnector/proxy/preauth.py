@@ -167,13 +167,45 @@ async def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 @dataclass(frozen=True)
-class SourceRefusal:
+class RawRefusal:
+    """A refusal decided on the raw socket, before any stream exists for the connection."""
+
     end: SessionEnd
     level: int | None = None  # the protocol level to answer in; None: not answered
     rest: int = 0  # the bytes of the CONNECT after its level, still unread
 
 
-async def unknown_source_refusal(sock: socket.socket, deadline: float) -> SourceRefusal:
+async def first_header(sock: socket.socket, max_connect_size: int, deadline: float) -> bytes | RawRefusal:
+    """On the plain port, CONNECT's fixed header read off the raw socket (at most 5 bytes), so that
+    a CONNECT over the first-packet limit is refused before any of its body is read; the bytes, to
+    be fed to the stream reader, when it is within the limit."""
+    head = bytearray()
+
+    async def read(n: int) -> bytes:
+        data = await _recv_exact(sock, n)
+        head.extend(data)
+        return data
+
+    try:
+        async with asyncio.timeout_at(deadline):
+            length, size = await _start(read)
+            if size <= max_connect_size:
+                return bytes(head)
+            level, rest = await _protocol_level(read, length)
+    except SessionEnd as end:
+        return RawRefusal(end)
+    except TimeoutError:
+        return RawRefusal(SessionEnd("timeout", "no CONNECT in time"))
+    except (asyncio.IncompleteReadError, OSError):
+        return RawRefusal(SessionEnd("closed", "closed before CONNECT"))
+    except MalformedPacket as e:
+        return RawRefusal(SessionEnd("malformed", str(e)))
+    reason = f"CONNECT of {size} bytes exceeds the first-packet limit of {max_connect_size}"
+    answer = Connack(PACKET_TOO_LARGE) if level == MQTT_5 else None
+    return RawRefusal(SessionEnd("connect_too_large", reason, answer, level), level, rest)
+
+
+async def unknown_source_refusal(sock: socket.socket, deadline: float) -> RawRefusal:
     """For an address no device has, on the plain port: the refusal and the protocol level to
     answer in, read with exact-size ``recv`` calls on the raw socket, so that not a byte past the
     level (at most 14) is ever read, whatever the peer sent."""
@@ -187,14 +219,14 @@ async def unknown_source_refusal(sock: socket.socket, deadline: float) -> Source
             length, _ = await _start(read)
             level, rest = await _protocol_level(read, length)
     except SessionEnd as end:  # not a CONNECT at all
-        return SourceRefusal(end)
+        return RawRefusal(end)
     except TimeoutError:
-        return SourceRefusal(SessionEnd("unknown_device", f"{reason} (and no CONNECT in time)"))
+        return RawRefusal(SessionEnd("unknown_device", f"{reason} (and no CONNECT in time)"))
     except (asyncio.IncompleteReadError, OSError):
-        return SourceRefusal(SessionEnd("unknown_device", f"{reason} (closed before CONNECT)"))
+        return RawRefusal(SessionEnd("unknown_device", f"{reason} (closed before CONNECT)"))
     except MalformedPacket as e:
-        return SourceRefusal(SessionEnd("malformed", str(e)))
-    return SourceRefusal(SessionEnd("unknown_device", reason, NOT_AUTHORIZED, level), level, rest)
+        return RawRefusal(SessionEnd("malformed", str(e)))
+    return RawRefusal(SessionEnd("unknown_device", reason, NOT_AUTHORIZED, level), level, rest)
 
 
 async def discard(sock: socket.socket, n: int, deadline: float) -> None:

@@ -22,7 +22,7 @@ from cloudconnector.errors import PermanentError
 from cloudconnector.keystore.base import KeyReader
 from cloudconnector.model import ObjectRef
 from cloudconnector.mqtt.codec import encode
-from cloudconnector.mqtt.packets import refusal
+from cloudconnector.mqtt.packets import Connack, refusal
 from cloudconnector.proxy.config import ProxyConfig
 from cloudconnector.proxy.credentials import file_stamp, server_context
 from cloudconnector.proxy.directory import Revocations, normalize_ip
@@ -30,7 +30,14 @@ from cloudconnector.proxy.logs import describe
 from cloudconnector.proxy.memory import settle_startup_objects, tune_allocator
 from cloudconnector.proxy.metrics import Metrics
 from cloudconnector.proxy.outcome import SessionEnd
-from cloudconnector.proxy.preauth import Gate, GatedReader, discard, unknown_source_refusal
+from cloudconnector.proxy.preauth import (
+    Gate,
+    GatedReader,
+    RawRefusal,
+    discard,
+    first_header,
+    unknown_source_refusal,
+)
 from cloudconnector.proxy.presence import Presence
 from cloudconnector.proxy.proxyproto import ProxyHeaderError, read_proxy_header
 from cloudconnector.proxy.resolver import Resolver
@@ -219,10 +226,21 @@ class Proxy:
                     if tls:
                         self._refuse_before_handshake(conn, peer)
                     else:
-                        await self._refuse_from_level(conn, peer, deadline)
+                        await self._refuse_raw(
+                            conn, peer, await unknown_source_refusal(conn, deadline), deadline
+                        )
                     return
+                head = b""
+                if not tls:  # a CONNECT over the limit is refused before a byte of its body is read
+                    first = await first_header(conn, self.config.max_connect_size, deadline)
+                    if isinstance(first, RawRefusal):
+                        await self._refuse_raw(conn, peer, first, deadline)
+                        return
+                    head = first
                 async with asyncio.timeout_at(deadline):
                     reader = GatedReader(self.gate)
+                    if head:
+                        reader.feed_data(head)  # read off the socket already: the CONNECT's start
                     protocol = asyncio.StreamReaderProtocol(reader)
                     transport, _ = await loop.connect_accepted_socket(
                         lambda: protocol, conn, ssl=self._tls if tls else None
@@ -279,13 +297,13 @@ class Proxy:
         self._refused(SessionEnd("unknown_device", reason), peer, None)
         conn.close()
 
-    async def _refuse_from_level(self, conn: socket.socket, peer: str, deadline: float) -> None:
-        """CONNACK "not authorized" in the device's protocol level, read off the raw socket."""
-        refused = await unknown_source_refusal(conn, deadline)
+    async def _refuse_raw(self, conn: socket.socket, peer: str, refused: RawRefusal, deadline: float) -> None:
+        """Answer (when the protocol level is known) and close, with no stream ever set up."""
         end, level = refused.end, refused.level
-        if level is not None and isinstance(end.answer, dict):
+        if level is not None and end.answer is not None:
+            answer = end.answer if isinstance(end.answer, Connack) else refusal(end.answer, level)
             with contextlib.suppress(OSError):
-                conn.send(encode(refusal(end.answer, level), level))  # 4 or 5 bytes: never blocks
+                conn.send(encode(answer, level))  # 4 or 5 bytes: never blocks
             # The rest of an ordinary CONNECT, so the close is not a reset; never more than a
             # CONNECT may be, nor for more than a second.
             loop = asyncio.get_running_loop()
