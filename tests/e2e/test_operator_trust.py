@@ -109,8 +109,9 @@ class Fleet:
     def _meta(self, name: str) -> dict[str, str]:
         return {"name": name, "namespace": self.ns}
 
-    def endpoint(self, name: str, **aws: Any) -> None:
-        self.secret(f"{name}-keys")
+    def endpoint(self, name: str, *, make_secret: bool = True, **aws: Any) -> None:
+        if make_secret:
+            self.secret(f"{name}-keys")
         spec = {
             "region": REGION,
             "endpointUrl": self.moto.url,
@@ -440,13 +441,34 @@ def test_with_no_settings_the_operator_runs(
 # --- 5. logs ------------------------------------------------------------------------------------
 
 
+def _log(operator: Process) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in operator.output().splitlines() if line.strip()]
+
+
 def test_log_lines_are_json_naming_their_object(operator: Process, fleet: Fleet) -> None:
-    fleet.endpoint("aws-l")
+    fleet.endpoint("aws-l", make_secret=False)  # its keys come late: a failure, checked every 2 s
     fleet.group("loggers", "aws-l")
     fleet.device("l1", "loggers")
+    wait_until("Endpoint Error", lambda: fleet.status("Endpoint", "aws-l").get("phase") == "Error")
+    time.sleep(5)
+    failure = [
+        line
+        for line in _log(operator)
+        if line.get("name") == "aws-l" and line["level"] == "warning" and "aws-l-keys" in line["message"]
+    ]
+    assert len(failure) == 1, failure  # logged when it appeared, not at every check
+    assert failure[0]["kind"] == "Endpoint" and failure[0]["namespace"] == fleet.ns
+    fleet.secret("aws-l-keys")
     fleet.wait_phase("l1", "Ready")
-    time.sleep(3)  # a few timer rounds (status interval 1 s in these tests)
-    lines = [json.loads(line) for line in operator.output().splitlines() if line.strip()]
+
+    # Quiet times are quiet: status timers run every second here, and say nothing at INFO.
+    time.sleep(2)
+    before = len(_log(operator))
+    time.sleep(4)
+    chatter = [line for line in _log(operator)[before:] if line["level"] != "debug"]
+    assert chatter == [], chatter
+
+    lines = _log(operator)
     assert lines
     for line in lines:
         assert {"time", "level", "logger", "message"} <= set(line)
