@@ -6,7 +6,8 @@ opened it, so:
 - the first byte must be CONNECT's (0x10), or the connection is closed at once;
 - a CONNECT may be at most ``max_connect_size`` bytes (default 16 KiB, many times what a client
   id, credentials and a will need); a larger one is refused before its body is read (MQTT 5 with
-  CONNACK 0x95, 3.1.1 has no code for it and is closed);
+  CONNACK 0x95, 3.1.1 has no code for it and is closed). On the plain port the fixed header is
+  read off the raw socket (``first_header``), so not even a first read of the body happens;
 - everything held in the read buffers of connections not yet identified counts against one budget
   for the process (``max_unidentified_bytes``): a connection whose data would exceed it is
   aborted and its data dropped, so a flood costs at most the budget, not a CONNECT per connection;
