@@ -111,6 +111,16 @@ def test_connect_over_the_first_packet_limit(patient: ProxyThread, world: World,
     assert metric(patient, ATTEMPTS, result="ok") == 1
 
 
+def test_connect_over_the_first_packet_limit_over_tls(patient: ProxyThread, world: World, pki: Pki) -> None:
+    route = world.add()
+    raw = sock(patient.tls_port, route.ip or "")
+    with client_tls(pki, None, "").wrap_socket(raw, server_hostname="localhost") as s:
+        s.sendall(connect_prefix(MQTT_5, 2000))
+        answer = s.recv(16)
+    assert codec.decode(answer[0], answer[2:], MQTT_5) == Connack(0x95)
+    assert metric(patient, ATTEMPTS, result="connect_too_large") == 1
+
+
 def test_bytes_held_by_unidentified_connections_are_capped(
     pki: Pki, world: World, clients: list[Client]
 ) -> None:
