@@ -42,6 +42,7 @@ ENDPOINT_KIND = (api.GROUP, api.VERSION, api.ENDPOINTS)
 GROUP_KIND = (api.GROUP, api.VERSION, api.GROUPS)
 DEVICE_KIND = (api.GROUP, api.VERSION, api.DEVICES)
 WAITING_PHASES = (dev.PENDING, dev.CONFLICT)
+GROUP_FAILURES = ("EndpointNotFound", "DevicesFailed")  # Group Ready reasons that need attention
 
 
 class KopfReporter:
@@ -349,8 +350,11 @@ async def _refresh_group_here(
         new = group_status(group, status, phases, endpoint_exists=exists, connected=connected)
         await rt.saver(GROUPS, namespace, name, status)(new)
         moved = bool(status.get("endpoint")) and status.get("endpoint") != group.endpoint
+    before, after = find(status.get("conditions"), "Ready") or {}, find(new.get("conditions"), "Ready") or {}
+    if after.get("reason") in GROUP_FAILURES and after.get("reason") != before.get("reason"):
+        logger.warning("%s: %s", after.get("reason"), after.get("message"))  # once per new problem
     if moved:
-        kopf.info(body, reason="EndpointChanged", message=f"devices move to Endpoint {group.endpoint}")
+        KopfReporter(body).info("EndpointChanged", f"devices move to Endpoint {group.endpoint}")
     if retrigger or moved:
         for device_name, phase in members:
             if moved or phase != dev.READY:
