@@ -394,6 +394,61 @@ def create_all(kube: Kube, ns: str, count: int) -> dict[str, float]:
     return created
 
 
+def seed_ready(kube: Kube, ns: str, template: str, indexes: range) -> None:
+    """Devices that look exactly like ``template`` after the operator provisioned it (status,
+    finalizer, kopf's annotations) but with their own name, SIM and IP: a restart with many Ready
+    Devices without provisioning each of them first. Their cloud identities do not exist; a
+    restart must not look at them, which is what is measured."""
+    body = kube.get("Device", ns, template)
+    spec = body["spec"]
+    old = {
+        "name": template,
+        "iccid": spec["sim"]["iccid"],
+        "imsi": spec["sim"].get("imsi", ""),
+        "ip": spec["ip"],
+    }
+    meta = body["metadata"]
+    text = json.dumps(
+        {
+            "apiVersion": API,
+            "kind": "Device",
+            "metadata": {
+                "name": template,
+                "namespace": ns,
+                "finalizers": meta.get("finalizers", []),
+                "annotations": meta.get("annotations", {}),
+            },
+            "spec": spec,
+            "status": body["status"],
+        }
+    )
+
+    def one(i: int) -> None:
+        new = device(ns, i)
+        values = {
+            "name": new["metadata"]["name"],
+            "iccid": new["spec"]["sim"]["iccid"],
+            "imsi": new["spec"]["sim"]["imsi"],
+            "ip": new["spec"]["ip"],
+        }
+        copy = text
+        for key, value in old.items():
+            if value:
+                copy = re.sub(rf"(?<![\d.]){re.escape(value)}(?![\d.])", values[key], copy)
+        obj = json.loads(copy)
+        status = obj.pop("status")
+        kube.create(obj)
+        kube.request(
+            "PATCH",
+            kube.path("Device", ns, values["name"]) + "/status",
+            {"status": status},
+            content_type="application/merge-patch+json",
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, indexes))
+
+
 class Operator:
     def __init__(self, kube: Kube, ns: str, vault_url: str, token: str, log: Path) -> None:
         env = {
@@ -601,6 +656,17 @@ def run(args: argparse.Namespace) -> int:
 
         print("\n## restart with every Device Ready")
         operator.stop()
+        total = args.devices
+        if args.seed_ready:
+            started = time.monotonic()
+            seed_ready(kube, ns, f"meter-{0:05d}", range(args.devices, args.devices + args.seed_ready))
+            total += args.seed_ready
+            print(
+                f"seeded Ready Devices   : {args.seed_ready} (copies of a provisioned one's object, with "
+                f"its own name, SIM and IP; made while the operator was stopped, "
+                f"{time.monotonic() - started:.0f} s)"
+            )
+            wait_until("the seeded Devices in the watch", lambda: len(watch.ready) >= total, 120)
         rig.bench_api.clear()
         before = rig.snapshot()
         rig.pids["operator"] = operator.start()
@@ -608,15 +674,13 @@ def run(args: argparse.Namespace) -> int:
         idle = wait_idle(rig, quiet=args.quiet, timeout=args.timeout)
         after = rig.snapshot()
         d = Delta.between(before, after, rig.bench_api)
-        still = sum(1 for name in created if watch.phase.get(name) == "Ready")
+        still = sum(1 for phase in watch.phase.values() if phase == "Ready")
         print(f"back to idle after     : {idle:.1f} s (no operator traffic for {args.quiet:g} s after that)")
-        print(f"Devices still Ready    : {still}/{args.devices}")
+        print(f"Devices still Ready    : {still}/{total}")
         vault_writes = sum(v for k, v in d.vault.items() if not k.startswith("GET "))
         print(f"cloud calls            : {sum(d.cloud.values())} in total")
         print(f"Vault writes           : {vault_writes} in total ({sum(d.vault.values())} requests)")
-        print(
-            f"API requests per device: {per(sum(d.api.values()), args.devices)} ({top(d.api, args.devices)})"
-        )
+        print(f"API requests per device: {per(sum(d.api.values()), total)} ({top(d.api, total)})")
         rss = peak_rss_mib(rig.pids["operator"])
         print(f"operator CPU           : {d.cpu['operator']:.1f} s; peak RSS {rss:.0f} MiB")
 
@@ -699,6 +763,12 @@ def main() -> int:
     parser.add_argument("--vault-latency", type=float, default=0.0, help="seconds added per Vault request")
     parser.add_argument("--delete", action="store_true", help="also delete every Device and audit")
     parser.add_argument(
+        "--seed-ready",
+        type=int,
+        default=0,
+        help="before the restart, add this many Ready Devices copied from a provisioned one",
+    )
+    parser.add_argument(
         "--moto-keys",
         choices=("pooled", "real"),
         default="pooled",
@@ -708,6 +778,8 @@ def main() -> int:
     parser.add_argument("--quiet", type=float, default=5.0, help="seconds without traffic that count as idle")
     parser.add_argument("--timeout", type=float, default=0.0, help="per phase (default: 3 x cap time + 60 s)")
     args = parser.parse_args()
+    if args.seed_ready and args.delete:
+        parser.error("--delete would remove the copied identities' originals: not with --seed-ready")
     if not args.timeout:
         args.timeout = 3 * args.devices / args.rate + 60
     if not math.isfinite(args.rate) or args.rate <= 0:
