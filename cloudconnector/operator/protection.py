@@ -41,8 +41,7 @@ async def _wait_for(
     message = (cond.find(new.get("conditions"), TERMINATING) or {}).get("message", "")
     if not cond.is_true(status, TERMINATING):
         kopf.warn(body, reason="DeletionWaits", message=message)
-        logger.warning("%s", message)
-    # kopf logs this once (repeats are DEBUG, see logs.py) and retries after the delay.
+    # kopf logs this (once per new message: repeats are DEBUG, see logs.py) and retries later.
     raise kopf.TemporaryError(message, delay=CONFIG.status_interval)
 
 
