@@ -9,8 +9,8 @@ Three relays, each in a fresh proxy process in front of the same local mosquitto
 - ``bytes``: an MQTT broker Endpoint, no template: the plain byte relay (``proxy/pipe.py``);
 - ``aws``: an AWS Endpoint, no template: the byte relay that diverts SUBSCRIBE/UNSUBSCRIBE and their
   acks to the subscription limits (``proxy/divert.py``); PUBLISH stays bytes;
-- ``template``: an AWS Endpoint with ``fleet/{cloudId}/``: every packet decoded, its topic
-  rewritten and encoded again (the per-packet path).
+- ``template``: an AWS Endpoint with ``fleet/{cloudId}/``: the same relay with PUBLISH taken out
+  too and the prefix spliced into its bytes (MQTT 3.1.1 here, so no PUBLISH is decoded).
 
 Every device floods PUBLISHes (64-byte payload, QoS 0 and QoS 1 with 8 in flight) for the given
 time; a subscriber on the broker counts them. CPU per message is the proxy process's user+system

@@ -214,8 +214,14 @@ async def relay_diverted(
     """Like ``pipe.relay_bytes``, with ``transform.divert`` packets handled by ``transform``."""
     dev_level, up_level = levels
 
+    raw_publish = getattr(transform, "raw_publish", None)  # topic templates: a splice, no decoding
+
     def handler(direction: str) -> Handler:
         def handle(header: int, body: bytes) -> tuple[list[bytes], list[bytes]]:
+            if raw_publish is not None and header >> 4 == PUBLISH:
+                src_level = dev_level if direction == UP else up_level
+                if dev_level == up_level and (raw := raw_publish(header, body, direction == UP, src_level)):
+                    return [raw], []
             if direction == UP:
                 relay: Relay = transform.from_device(decode(header, body, dev_level))
                 own = [encode(p, up_level) for p in relay.to_cloud]

@@ -23,6 +23,7 @@ from dataclasses import replace
 
 from cloudconnector.keystore.base import KeyMaterial
 from cloudconnector.mqtt.packets import (
+    MQTT_5,
     NOT_AUTHORIZED,
     Connack,
     Connect,
@@ -35,6 +36,7 @@ from cloudconnector.mqtt.packets import (
     refusal,
 )
 from cloudconnector.mqtt.properties import Prop, build_properties, parse_properties
+from cloudconnector.mqtt.wire import encode_varint
 from cloudconnector.proxy.transform import Relay
 from cloudconnector.routes import Route
 
@@ -85,6 +87,16 @@ def _ids(raw: bytes) -> set[int]:
     return {pid for pid, _ in parse_properties(raw)}
 
 
+def _has_properties(header: int, body: bytes, at: int) -> bool:
+    """Whether an MQTT 5 PUBLISH's property block (after topic and packet id) is not empty."""
+    at += 2 if header & 0x06 else 0
+    return at >= len(body) or body[at] != 0
+
+
+def _frame(header: int, body: bytes) -> bytes:
+    return bytes((header,)) + encode_varint(len(body)) + body
+
+
 class TopicLayer:
     """One session's template layer, composed in front of the cloud's transform (``transform.Chain``)."""
 
@@ -96,6 +108,7 @@ class TopicLayer:
     def __init__(self, route: Route) -> None:
         self.route = route
         self.topics = TopicPrefix(route.topic_prefix)
+        self._prefix_bytes = route.topic_prefix.encode()
 
     def connect(self, packet: Connect, credentials: KeyMaterial) -> Connect | Connack:
         if self.route.topic_error:
@@ -121,6 +134,32 @@ class TopicLayer:
             filters = tuple(t.up_filter(f) for f in packet.topic_filters)
             return Relay(to_cloud=(replace(packet, topic_filters=filters),))
         return Relay(to_cloud=(packet,))
+
+    def raw_publish(self, header: int, body: bytes, up: bool, level: int) -> bytes | None:
+        """A PUBLISH rewritten on its bytes (the whole packet), or None where only decoding will do.
+
+        The topic is the first field of PUBLISH, so adding or taking off the prefix is a splice;
+        what the splice cannot see (an MQTT 5 property block, where a Response Topic may be) and
+        anything not well-formed go the decoding way, which also reports the errors.
+        """
+        n = len(body)
+        if n < 2:
+            return None
+        tlen = body[0] << 8 | body[1]
+        end = 2 + tlen
+        if end > n or (level == MQTT_5 and _has_properties(header, body, end)):
+            return None
+        prefix = self._prefix_bytes
+        if up:
+            if tlen == 0 or body[2] == 0x24:  # empty (alias only) or "$": as it is
+                return _frame(header, body)
+            tlen += len(prefix)
+            if tlen > 0xFFFF:
+                return None
+            body = tlen.to_bytes(2, "big") + prefix + body[2:]
+        elif tlen > len(prefix) and body.startswith(prefix, 2):
+            body = (tlen - len(prefix)).to_bytes(2, "big") + body[2 + len(prefix) :]
+        return _frame(header, body)
 
     def from_cloud(self, packet: Packet) -> Relay:
         if isinstance(packet, Publish):

@@ -29,7 +29,7 @@ from typing import Protocol
 
 from cloudconnector.keystore.base import KeyMaterial
 from cloudconnector.model import EndpointType
-from cloudconnector.mqtt.packets import Connack, Connect, Packet
+from cloudconnector.mqtt.packets import Connack, Connect, Packet, PacketType
 from cloudconnector.routes import Route
 
 
@@ -130,6 +130,13 @@ class Chain:
         self.layers = layers
         self.packet_relay = any(t.packet_relay for t in layers)
         self.divert: frozenset[int] = frozenset().union(*(getattr(t, "divert", ()) for t in layers))
+
+    def raw_publish(self, header: int, body: bytes, up: bool, level: int) -> bytes | None:
+        """The byte-level PUBLISH rewrite of the one layer that takes PUBLISH on the byte relay
+        (the others never see PUBLISH there), or None: decode and go through every layer."""
+        takers = [t for t in self.layers if PacketType.PUBLISH in getattr(t, "divert", ())]
+        raw = getattr(takers[0], "raw_publish", None) if len(takers) == 1 else None
+        return raw(header, body, up, level) if raw is not None else None
 
     def connect(self, packet: Connect, credentials: KeyMaterial) -> Connect | Connack:
         for layer in self.layers:

@@ -25,6 +25,7 @@ from cloudconnector import schema, topic_template
 from cloudconnector.clouds.aws_policy import policy_document
 from cloudconnector.errors import InvalidSpec
 from cloudconnector.model import AwsSpec, EndpointType, ObjectRef, parse_endpoint, parse_group
+from cloudconnector.mqtt import codec
 from cloudconnector.mqtt.packets import (
     MQTT_5,
     MQTT_311,
@@ -459,3 +460,49 @@ def test_standalone_validation_explains_the_template_in_words() -> None:
         errors = {e.path: e.message for e in schema.validate(body)}
         assert errors["spec.topicTemplate"].startswith("must be a topic prefix ending in '/'")
     assert schema.validate({k: v for k, v in _endpoint().items() if k != "status"}) == []
+
+
+@pytest.mark.parametrize("level", [MQTT_311, MQTT_5], ids=["3.1.1", "5"])
+def test_the_byte_splice_agrees_with_decoding(level: int) -> None:
+    route = Route(
+        device=ObjectRef("f", "d"),
+        iccid="89353010000000000011",
+        imsi=None,
+        ip=None,
+        endpoint_type=EndpointType.AWS,
+        host="h",
+        port=8883,
+        ca_pem=None,
+        client_id="d",
+        certificate_id="c",
+        topic_prefix="fleet/dévice/",  # not ASCII: lengths are bytes
+    )
+    t = transform_for(route)
+    assert isinstance(t, Chain)
+    cases = [
+        (True, Publish("telemetry", b"x" * 200, 0)),
+        (True, Publish("a/b", b"", 1, retain=True, packet_id=7)),
+        (True, Publish("$aws/things/d/shadow/update", b"{}", 1, packet_id=8)),
+        (False, Publish("fleet/dévice/cmd", b"go", 1, dup=True, packet_id=9)),
+        (False, Publish("other/cmd", b"as is", 0)),
+        (False, Publish("fleet/dévice/", b"the prefix alone stays", 0)),
+    ]
+    for up, packet in cases:
+        raw = codec.encode(packet, level)
+        spliced = t.raw_publish(raw[0], codec_body(raw), up, level)
+        relay = t.from_device(packet) if up else t.from_cloud(packet)
+        decoded = relay.to_cloud if up else relay.to_device
+        assert spliced == codec.encode(decoded[0], level), packet
+    # With MQTT 5 properties (a Response Topic may be among them) only decoding will do.
+    with_props = codec.encode(
+        Publish("t", b"", 0, properties=build_properties([(Prop.TOPIC_ALIAS, 1)])), MQTT_5
+    )
+    assert t.raw_publish(with_props[0], codec_body(with_props), True, MQTT_5) is None
+
+
+def codec_body(raw: bytes) -> bytes:
+    """The body of one encoded packet (after the fixed header and its remaining length)."""
+    i = 1
+    while raw[i] & 0x80:
+        i += 1
+    return raw[i + 1 :]
