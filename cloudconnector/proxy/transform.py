@@ -134,7 +134,7 @@ class Chain:
     def raw_publish(self, header: int, body: bytes, up: bool, level: int) -> bytes | None:
         """The byte-level PUBLISH rewrite of the one layer that takes PUBLISH on the byte relay
         (the others never see PUBLISH there), or None: decode and go through every layer."""
-        takers = [t for t in self.layers if PacketType.PUBLISH in getattr(t, "divert", ())]
+        takers = [t for t in self.layers if t.packet_relay or PacketType.PUBLISH in getattr(t, "divert", ())]
         raw = getattr(takers[0], "raw_publish", None) if len(takers) == 1 else None
         return raw(header, body, up, level) if raw is not None else None
 

@@ -228,6 +228,11 @@ def test_which_relay_each_session_gets() -> None:
     templated = transform_for(replace(route, topic_prefix="fleet/d/"))
     assert isinstance(templated, Chain) and not templated.packet_relay  # bytes framed, topics rewritten
     assert {PacketType.PUBLISH, PacketType.SUBSCRIBE, PacketType.UNSUBSCRIBE} <= templated.divert
+    # Azure maps every packet itself: the template goes first, and no byte splice skips the mapping.
+    azure = transform_for(replace(route, endpoint_type=EndpointType.AZURE, topic_prefix="fleet/d/"))
+    assert isinstance(azure, Chain) and azure.packet_relay
+    publish = codec.encode(Publish("telemetry", b"1"))
+    assert azure.raw_publish(publish[0], publish[2:], True, MQTT_311) is None
 
 
 def test_alias_only_publishes_keep_their_empty_topic_both_ways() -> None:
