@@ -31,6 +31,7 @@ COLUMNS: Mapping[str, Sequence[Column]] = {
         ("PROVISIONED", "status.provisioned"),
         ("FAILED", "status.failed"),
         ("PENDING", "status.pending"),
+        ("CONNECTED", "status.connected"),
         ("AGE", "metadata.creationTimestamp"),
     ),
     api.KIND_DEVICE: (

@@ -38,7 +38,8 @@ async def test_provision_then_status_table(site: Site, instance: Standalone, cap
 
     assert main(["status", "--state", str(site.state)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["NAME", "PHASE", "GROUP", "ENDPOINT", "CLOUD", "ID", "AGE"]
+    header = ["NAME", "PHASE", "GROUP", "ENDPOINT", "CLOUD", "ID", "CONNECTED", "LAST", "SEEN", "AGE"]
+    assert lines[0].split() == header
     assert lines[1].split()[:5] == ["meter-0000", "Ready", "meters", "aws", f"{site.prefix}fleet_meter-0000"]
     assert len(lines) == 4
     assert main(["status", "-n", "elsewhere", "--state", str(site.state)]) == 0
