@@ -15,7 +15,7 @@ from cloudconnector.keystore.vault_config import AuthMethod, VaultConfig
 from cloudconnector.operator.config import OperatorConfig
 from cloudconnector.proxy import config as proxy_config
 from cloudconnector.proxy import main as proxy_main
-from tests.helm.chart import REPO, Rendered, env_of
+from tests.helm.chart import REPO, Rendered, env_of, load, render
 
 PROXY = "cc-cloud-connector-proxy"
 OPERATOR = "cc-cloud-connector-operator"
@@ -51,7 +51,11 @@ def test_proxy_settings_parse(renderings: dict[str, Rendered]) -> None:
     assert prod.trusted_proxies == (ipaddress.ip_network("10.96.0.0/24"),)
     assert prod.identity == ("ip", "username")
     assert prod.tls_cert_file == "/etc/cloud-connector/tls/tls.crt"
-    assert prod.max_packet_size == 263168 and prod.max_connections == 10000
+    # No cap by default: each Endpoint's own limit applies (proxy/limits.py).
+    assert prod.max_packet_size is None and prod.max_connections == 10000
+    capped = {"proxy": {"limits": {"maxPacketSize": 131072}}}
+    capped_env = _env(render(load(), capped), PROXY)
+    assert proxy_config.from_mapping(capped_env).max_packet_size == 131072
 
     bare = proxy_config.from_mapping(_env(renderings["bare-metal"], PROXY))
     assert bare.mqtt_port is None and bare.tls_port == 8883
