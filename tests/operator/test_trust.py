@@ -13,9 +13,13 @@ import sys
 from typing import Any
 
 import kmock as kmocklib
+import pytest
 
 from cloudconnector.core.in_use import endpoint_holders, group_holders, waiting_message
+from cloudconnector.core.provisioners import ProvisionerPool
 from cloudconnector.core.steps import completed, new_steps
+from cloudconnector.errors import CredentialsError
+from cloudconnector.model import parse_endpoint
 from cloudconnector.operator.config import OperatorConfig
 from cloudconnector.operator.logs import JsonFormatter, Quieter, about
 from tests.operator.apiserver import ApiServer
@@ -192,3 +196,63 @@ def test_steps_read_off_the_progress_record() -> None:
     assert new_steps(stored, stored) == []  # a resumed run repeats nothing
     azure = {"deviceId": "d", "step": "done", "keyLocation": "vault:x"}
     assert [s for s, _ in completed(azure)] == ["KeyStored", "DeviceRegistered"]
+
+
+async def test_peering_asked_for_without_its_crds_stops_with_one_line(
+    cluster: Cluster, operator_env: dict[str, str]
+) -> None:
+    env = {**operator_env, "CLOUDCONNECTOR_PEERING": "cloud-connector"}  # kmock serves no kopf.dev
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "cloudconnector.operator.main"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, lines
+    message = json.loads(lines[0])["message"]
+    assert "peering is on" in message and "kopfpeerings.kopf.dev is not installed" in message
+    assert "CLOUDCONNECTOR_PEERING=off" in message
+
+
+# --- removal keeps the keys read last ---------------------------------------------------------------
+
+
+async def test_removal_goes_on_with_the_keys_read_last() -> None:
+    secret: dict[str, str] | None = {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "s"}
+    made: list[dict[str, str]] = []
+
+    async def load(_endpoint: Any) -> dict[str, str]:
+        if secret is None:
+            raise CredentialsError("credentials Secret 'keys' does not exist", reason="SecretNotFound")
+        return dict(secret)
+
+    class Stub:
+        async def aclose(self) -> None:
+            pass
+
+    def factory(_endpoint: Any, credentials: Any, _limiter: Any) -> Any:
+        made.append(dict(credentials))
+        return Stub()
+
+    pool = ProvisionerPool(factory, load)
+    endpoint = parse_endpoint(
+        {
+            "apiVersion": "cloudconnector.io/v1alpha1",
+            "kind": "Endpoint",
+            "metadata": {"name": "aws", "namespace": "fleet", "uid": "u1", "generation": 1},
+            "spec": {
+                "type": "AwsIotCore",
+                "aws": {"region": "eu-west-1", "credentialsSecretRef": {"name": "k"}},
+            },
+        }
+    )
+    first = await pool.get(endpoint)
+    secret = None  # deleted together with the Endpoint
+    assert await pool.get(endpoint, removal=True) is first
+    with pytest.raises(CredentialsError):
+        await pool.get(endpoint)  # new work waits for the Secret
+    assert len(made) == 1
