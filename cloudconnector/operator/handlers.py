@@ -100,11 +100,17 @@ def _terminating(body: Mapping[str, Any] | None) -> bool:
 
 
 def _hold(group_body: Mapping[str, Any] | None, endpoint_body: Mapping[str, Any] | None) -> dev.Hold | None:
-    """No new identity in a Group or at an Endpoint that is being deleted (core/in_use.py)."""
+    """Why no new identity can be made now: the Group or Endpoint is being deleted (core/in_use.py),
+    or the Endpoint is not Ready, saying why (its keys, say), so the device tells the cause too."""
     for kind, body in (("Group", group_body), ("Endpoint", endpoint_body)):
         if body is not None and _terminating(body):
             name = str((body.get("metadata") or {}).get("name"))
             return dev.Hold(f"{kind}Terminating", hold_message(kind, name))
+    status = (endpoint_body or {}).get("status") or {}
+    ready = find(status.get("conditions"), "Ready") or {}
+    if endpoint_body is not None and status.get("phase") != "Ready" and ready.get("message"):
+        name = str((endpoint_body.get("metadata") or {}).get("name"))
+        return dev.Hold("EndpointNotReady", f"Endpoint {name!r} is not Ready: {ready['message']}")
     return None
 
 

@@ -73,6 +73,8 @@ async def test_bad_credentials_show_on_the_endpoint(
     device = await cluster.wait_phase(DEVICES, "waits", "Pending")
     dready = next(c for c in device["status"]["conditions"] if c["type"] == "Ready")
     assert dready["reason"] == "EndpointNotReady"
+    # The Device tells the Endpoint's cause too, once the Endpoint has found it.
+    await cluster.wait_for(DEVICES, "waits", lambda o: "missing-secret" in (o or {})["status"]["message"])
 
     # Supplying the Secret heals both without touching the Device.
     await cluster.secret(
