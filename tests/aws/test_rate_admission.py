@@ -186,6 +186,21 @@ async def test_devices_become_ready_progressively_not_in_lockstep(
     assert sum(rank[i] for i in first) < sum(rank[i] for i in last), rank  # in arrival order
 
 
+async def test_the_relay_keeps_the_clients_connection_when_moto_closes_its_own(
+    slow_moto: LatencyRelay,
+) -> None:
+    """moto answers every request with ``Connection: close``; a cloud front end keeps the
+    connection, so the relay does too (the operator's side then costs what it would against AWS)."""
+    api = IotApi(REGION, fake_credentials(), endpoint_url=slow_moto.url, retry=FAST_RETRY)
+    try:
+        for _ in range(5):
+            await api.call("describe_endpoint", endpointType="iot:Data-ATS")
+    finally:
+        api.close()
+    assert slow_moto.stats.requests["GET /endpoint"] == 5
+    assert slow_moto.stats.connections == 1
+
+
 def test_request_shapes_name_the_operation_not_the_object() -> None:
     assert path_shape("PUT", "/things/ns_meter-1/principals") == "PUT /things/*/principals"
     assert path_shape("POST", "/things/ns_meter-1") == "POST /things"
