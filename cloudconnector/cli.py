@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     proxy.add_argument("--tls-cert-file", help="server certificate for the TLS port")
     proxy.add_argument("--tls-key-file", help="server key for the TLS port")
     proxy.add_argument("--http-port", type=int, help="/healthz, /readyz and /metrics port (default off)")
+    proxy.add_argument("--workers", help="relaying processes on one port (default: the usable cores)")
     run.add_argument("--timeout", type=float, default=300.0, help="with --once: give up after seconds")
 
     status = sub.add_parser("status", help="show Endpoints, Groups and Devices like kubectl get")
@@ -97,7 +98,7 @@ def _status(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from cloudconnector.standalone.serve import proxy_config, run_command
 
-    names = ("bind", "mqtt_port", "tls_port", "tls_cert_file", "tls_key_file", "http_port")
+    names = ("bind", "mqtt_port", "tls_port", "tls_cert_file", "tls_key_file", "http_port", "workers")
     try:
         proxy = None if args.once else proxy_config(os.environ, {n: getattr(args, n) for n in names})
     except ValueError as e:

@@ -3,12 +3,17 @@ themselves by namespace, name prefix or a reset, never by mocking."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 
 from tests.support.kube import Kube, Unavailable, real_cluster, skip_or_fail
 from tests.support.procs import Bao, Moto, run_bao, run_moto
+
+# Proxies the tests start (cloud-connector run, cloud-connector-proxy) run as one process unless
+# a test asks for workers: the default, the machine's cores, would differ from machine to machine.
+os.environ.setdefault("CC_PROXY_WORKERS", "1")
 
 
 @pytest.fixture(scope="session")

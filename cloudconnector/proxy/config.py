@@ -20,6 +20,8 @@ proxy without touching the environment. Each field ``name`` is read from ``CC_PR
 - ``CONNECTION_STATUS`` (default true), ``STATUS_INTERVAL`` (60 s), ``STATUS_WRITES_PER_SECOND``
   (20): each Device's live connection in its ``status.connection``, within that write budget
   (``presence.py``); ``POD_NAME`` names this proxy there (default: the host name).
+- ``WORKERS``: processes serving the ports (``workers.py``); unset or ``auto``: the cores this
+  process may use (cgroup quota, CPU affinity); 1: one process, no parent.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class ProxyConfig:
     status_interval: float = 60.0  # least seconds between two counter refreshes of one device
     status_writes_per_second: float = 20.0  # all status writes of this proxy together
     pod_name: str | None = None  # who wrote status.connection; None: the host name
+    workers: int | None = None  # worker processes; None: the cores this process may use
 
     def __post_init__(self) -> None:
         for mode in self.identity:
@@ -67,6 +70,8 @@ class ProxyConfig:
                 raise ValueError(f"identity mode {mode!r} is not one of {', '.join(IDENTITY_MODES)}")
         if self.max_connect_size < 128 or self.max_unidentified_bytes < self.max_connect_size:
             raise ValueError("max_connect_size must be at least 128, max_unidentified_bytes at least that")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError("workers must be at least 1 (or auto)")
         if self.tls_port is not None and not (self.tls_cert_file and self.tls_key_file):
             raise ValueError("the TLS listener needs tls_cert_file and tls_key_file")
 
@@ -102,6 +107,7 @@ _PARSERS: dict[str, Any] = {
     "connection_status": _bool,
     "status_interval": float,
     "status_writes_per_second": float,
+    "workers": lambda t: None if t.strip().lower() in ("", "auto") else int(t),
 }
 
 

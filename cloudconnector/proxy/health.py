@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from cloudconnector.proxy.metrics import Metrics
+
+class Renders(Protocol):
+    """A process's metrics (``metrics.Metrics``) or the workers' summed (``workers.WorkerPool``)."""
+
+    def render(self) -> bytes | Awaitable[bytes]: ...
 
 
-def make_app(metrics: Metrics, ready: Callable[[], bool]) -> web.Application:
+def make_app(metrics: Renders, ready: Callable[[], bool]) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
@@ -21,6 +27,8 @@ def make_app(metrics: Metrics, ready: Callable[[], bool]) -> web.Application:
 
     async def metrics_view(_: web.Request) -> web.Response:
         body = metrics.render()
+        if inspect.isawaitable(body):
+            body = await body
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()

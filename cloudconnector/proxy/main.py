@@ -5,6 +5,9 @@ overridable by arguments; the device directory from the Kubernetes API
 (:mod:`cloudconnector.kube.config` settings); device credentials from Vault
 (:mod:`cloudconnector.keystore.vault_config` settings) with the proxy's read-only role.
 SIGTERM stops accepting, marks the pod not ready and ends sessions spread over the drain time.
+With more than one worker (``--workers``, ``CC_PROXY_WORKERS``; default: the cores the pod may
+use) this process keeps the watch and the HTTP port and N worker processes relay
+(:mod:`cloudconnector.proxy.workers`).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ProxyConfig, argparse.Namesp
     p.add_argument("--identity", help="comma list of ip, client_id, username (tried in order)")
     p.add_argument("--http-port", type=int, help="health and metrics port (0 = off)")
     p.add_argument("--namespace", help="namespaces to serve, comma-separated, globs allowed (default: all)")
+    p.add_argument("--workers", help="relaying processes on the same ports (default auto: the usable cores)")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     # Arguments override the environment: both end up as CC_PROXY_* settings.
@@ -51,7 +55,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ProxyConfig, argparse.Namesp
     for name in ("bind", "mqtt_port", "tls_port", "tls_cert_file", "tls_key_file", "trusted_proxies"):
         if getattr(args, name) is not None:
             values[f"CC_PROXY_{name.upper()}"] = str(getattr(args, name))
-    for name in ("identity", "http_port"):
+    for name in ("identity", "http_port", "workers"):
         if getattr(args, name) is not None:
             values[f"CC_PROXY_{name.upper()}"] = str(getattr(args, name))
     return from_mapping(values), args
@@ -66,7 +70,11 @@ async def run(cfg: ProxyConfig, namespace: str | None) -> None:
     from cloudconnector.proxy.kube_presence import KubePresenceSink
     from cloudconnector.proxy.presence import Presence
     from cloudconnector.proxy.server import Proxy
+    from cloudconnector.proxy.workers import worker_count
 
+    if worker_count(cfg.workers) > 1:
+        await run_workers(cfg, namespace, worker_count(cfg.workers))
+        return
     kube = KubeClient(KubeConfig.from_env())
     keys = VaultKeyStore.from_env()
     directory = KubeDirectory(kube, namespace)
@@ -104,6 +112,47 @@ async def run(cfg: ProxyConfig, namespace: str | None) -> None:
             await runner.cleanup()
         await kube.aclose()
         keys.close()
+
+
+async def run_workers(cfg: ProxyConfig, namespace: str | None, count: int) -> None:
+    """The parent of ``count`` workers: the one watch, the HTTP port, supervision (workers.py)."""
+    from cloudconnector.kube.client import KubeClient
+    from cloudconnector.kube.config import KubeConfig
+    from cloudconnector.proxy.kube_directory import KubeDirectory
+    from cloudconnector.proxy.kube_presence import KubePresenceSink
+    from cloudconnector.proxy.presence import Presence
+    from cloudconnector.proxy.workers import PublishingDirectory, WorkerPool
+
+    kube = KubeClient(KubeConfig.from_env())
+    directory = KubeDirectory(kube, namespace)
+    routes = PublishingDirectory()
+    directory._index = routes  # the watch's route index, told to the workers
+    name = cfg.pod_name or socket.gethostname()
+    sink = KubePresenceSink(kube) if cfg.connection_status else None
+    pool = WorkerPool(cfg, count, routes, "vault", sink, name)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    background = [asyncio.create_task(directory.run())]
+    if sink is not None:  # the previous run's leftovers, as with one process
+        background.append(asyncio.create_task(_clear_stale(directory, Presence(sink, name))))
+    runner = None
+    try:
+        if cfg.http_port is not None:
+            app = make_app(pool, lambda: pool.ready and directory.ready)
+            runner, _ = await start_http(app, cfg.http_bind, cfg.http_port)
+        await pool.start()
+        await stop.wait()
+        log.info("draining", extra={"seconds": cfg.drain_seconds, "workers": count})
+    finally:
+        await pool.stop()
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        if runner is not None:
+            await runner.cleanup()
+        await kube.aclose()
 
 
 async def _clear_stale(directory: KubeDirectory, presence: Presence) -> None:

@@ -71,6 +71,7 @@ class Proxy:
         keys: KeyReader,
         metrics: Metrics | None = None,
         presence: Presence | None = None,
+        sockets: dict[str, socket.socket] | None = None,
     ) -> None:
         self.config = config
         self.directory = directory
@@ -94,6 +95,7 @@ class Proxy:
         self.ports: dict[str, int] = {}  # "mqtt"/"tls" -> bound port (useful with port 0)
         self.accepting = False
         self._sockets: list[socket.socket] = []
+        self._given = dict(sockets or {})  # "mqtt"/"tls" -> listening socket bound by a parent (workers.py)
         self._tasks: list[asyncio.Task[None]] = []
         self._connections: set[asyncio.Task[None]] = set()
         self._live: dict[ObjectRef, set[asyncio.Task[None]]] = {}
@@ -118,7 +120,8 @@ class Proxy:
         for name, port, tls in (("mqtt", cfg.mqtt_port, False), ("tls", cfg.tls_port, True)):
             if port is None:
                 continue
-            sock = _listen(cfg.bind, port)
+            sock = self._given.pop(name, None) or _listen(cfg.bind, port)
+            sock.setblocking(False)
             self._sockets.append(sock)
             self.ports[name] = sock.getsockname()[1]
             self._tasks.append(asyncio.create_task(self._accept_loop(sock, tls)))

@@ -47,13 +47,15 @@ async def standalone(
     on_device: DeviceSink | None = None,
     route_transform: RouteTransform | None = None,
     keys: KeyStores | None = None,
+    directory: StaticDirectory | None = None,
 ) -> AsyncIterator[Standalone]:
-    """Open the state store, the key store and the provisioner pool; close them on exit."""
+    """Open the state store, the key store and the provisioner pool; close them on exit.
+    ``directory`` receives the routes (e.g. one that forwards them to proxy workers)."""
     store = StateStore(state_dir / "state.db")
     keys = keys or open_key_stores(state_dir)
     secrets = SecretsView()
     pool = ProvisionerPool(make_provisioner, secrets.credentials)
-    directory = StaticDirectory()
+    directory = directory if directory is not None else StaticDirectory()
 
     def publish(routes: list[Route]) -> None:
         directory.replace([route_transform(r) for r in routes] if route_transform else routes)

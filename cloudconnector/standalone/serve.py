@@ -4,13 +4,16 @@ The proxy takes the same ``CC_PROXY_*`` settings as the cluster's proxy (TLS lis
 protocol, identity modes, health and metrics port); the command line overrides the common ones.
 Unlike in a cluster, only the plain MQTT listener is on by default, and logs are plain text
 unless ``CC_PROXY_LOG_JSON`` is set; either way in the format ``cloud-connector-proxy`` writes
-(``proxy/logs.py``), with the same fields.
+(``proxy/logs.py``), with the same fields. With more than one worker (``--workers``,
+``CC_PROXY_WORKERS``; default: the usable cores) this process reconciles and serves HTTP, and
+N worker processes relay (:mod:`cloudconnector.proxy.workers`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import socket
@@ -25,6 +28,7 @@ from cloudconnector.proxy.health import make_app, start_http
 from cloudconnector.proxy.logs import configure_logging
 from cloudconnector.proxy.presence import Presence
 from cloudconnector.proxy.server import Proxy
+from cloudconnector.proxy.workers import PublishingDirectory, WorkerPool, worker_count
 from cloudconnector.standalone.app import report, standalone
 from cloudconnector.standalone.presence import StorePresenceSink
 from cloudconnector.standalone.store import StateStore
@@ -93,7 +97,10 @@ async def run_command(
     if proxy is not None:
         # The whole process logs like the cluster's proxy, at the level the command line chose.
         configure_logging(proxy.log_json, logging.getLogger().getEffectiveLevel())
-    async with standalone(manifests, state_dir) as sa:
+    serving = proxy is not None and (proxy.mqtt_port is not None or proxy.tls_port is not None)
+    workers = worker_count(proxy.workers) if proxy is not None and serving and not once else 1
+    directory = PublishingDirectory() if workers > 1 else None
+    async with standalone(manifests, state_dir, directory=directory) as sa:
         logger.info("key store: %s; state: %s", sa.keys.kind, state_dir)
         if once:
             try:
@@ -111,7 +118,20 @@ async def run_command(
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
         async with contextlib.AsyncExitStack() as stack:
-            if proxy is not None and (proxy.mqtt_port is not None or proxy.tls_port is not None):
+            if proxy is not None and isinstance(directory, PublishingDirectory):
+                sink = StorePresenceSink(sa.store)
+                name = proxy.pod_name or socket.gethostname()
+                # No other replica to spread reconnects to: sessions end at once, as with one process.
+                served = dataclasses.replace(proxy, drain_seconds=0.0)
+                pool = WorkerPool(served, workers, directory, str(state_dir), sink, name)
+                stack.push_async_callback(pool.stop)
+                if proxy.http_port is not None:
+                    http, _ = await start_http(
+                        make_app(pool, lambda: pool.ready), proxy.http_bind, proxy.http_port
+                    )
+                    stack.push_async_callback(http.cleanup)
+                await pool.start()
+            elif proxy is not None and serving:
                 server = await stack.enter_async_context(
                     proxy_server(sa.directory, sa.keys.reader, proxy, sa.store)
                 )

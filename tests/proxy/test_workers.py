@@ -1,0 +1,257 @@
+"""The proxy on N worker processes (proxy/workers.py), through `cloud-connector run --workers 2`:
+devices with their own certificates at a mutual-TLS mosquitto, connecting from many loopback
+addresses, land on both workers (the parent's /metrics counts each worker's connections and names
+its pid); a killed worker is started again and its devices reconnect, shown disconnected in
+between; a removed Device is refused by every worker; SIGTERM drains every worker. Live
+connection status is written throughout."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cloudconnector.proxy.workers import available_cores, worker_count
+from tests.proxy.conftest import ACL, Client, broker_config
+from tests.standalone.conftest import API, Site
+from tests.standalone.test_cli_restart import phases
+from tests.support.pki import CA
+from tests.support.procs import Mosquitto, free_port, port_open, run_mosquitto, stop, wait_for
+
+DEVICES = 6
+
+
+def _ip(i: int) -> str:
+    return f"127.21.0.{10 + i}"
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[tuple[CA, Mosquitto]]:
+    ca = CA()
+    (tmp_path / "ca.crt").write_text(ca.cert_pem)
+    ca.issue("localhost", hosts=("localhost", "127.0.0.1")).write(tmp_path, "broker")
+    (tmp_path / "acl").write_text(ACL)
+    port = free_port()
+    with run_mosquitto(broker_config(port, tmp_path), port) as b:
+        yield ca, b
+
+
+def _site(tmp_path: Path, ca: CA, mosquitto: Mosquitto, devices: range) -> Site:
+    site = Site(tmp_path / "manifests", tmp_path / "state", "unused", "unused")
+    site.manifests.mkdir(exist_ok=True)
+    ns = site.namespace
+    docs: list[dict] = [
+        {
+            "apiVersion": API,
+            "kind": "Endpoint",
+            "metadata": {"name": "broker", "namespace": ns},
+            "spec": {
+                "type": "MqttBroker",
+                "port": mosquitto.port,
+                "caCertificate": ca.cert_pem,
+                "mqtt": {"host": "localhost"},
+            },
+        },
+        site.group("meters", "broker"),
+    ]
+    for i in devices:
+        issued = ca.issue(f"meter-{i}", client=True)
+        docs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": f"meter-{i}-tls", "namespace": ns},
+                "stringData": {"tls.crt": issued.cert_pem, "tls.key": issued.key_pem.decode()},
+            }
+        )
+    site.write("site.yaml", docs)
+    site.write(
+        "devices.yaml",
+        [
+            site.device(i, ip=_ip(i), cloudId=f"meter-{i}", credentialsSecretRef={"name": f"meter-{i}-tls"})
+            for i in devices
+        ],
+    )
+    return site
+
+
+def _metrics(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+def _per_worker(port: int, name: str) -> dict[str, float]:
+    return {labels["worker"]: value for labels, value in _metrics(port).get(name, [])}
+
+
+def _pids(port: int) -> dict[str, int]:
+    return {
+        labels["worker"]: int(labels["pid"])
+        for labels, _ in _metrics(port).get("cloudconnector_proxy_worker_info", [])
+    }
+
+
+def _ready(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def _connections(site: Site) -> dict[str, dict]:
+    db = sqlite3.connect(site.state / "state.db")
+    try:
+        rows = db.execute("SELECT name, connection FROM connections").fetchall()
+    except sqlite3.OperationalError:
+        return {}
+    finally:
+        db.close()
+    return {name: json.loads(text) for name, text in rows}
+
+
+def _connected(site: Site) -> set[str]:
+    return {name for name, c in _connections(site).items() if c.get("connected")}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_two_workers_serve_one_port(tmp_path: Path, broker: tuple[CA, Mosquitto]) -> None:
+    ca, mosquitto = broker
+    site = _site(tmp_path, ca, mosquitto, range(DEVICES))
+    port, http = free_port(), free_port()
+    env = {**os.environ, "CC_PROXY_STATUS_INTERVAL": "1", "CC_PROXY_WORKERS": "auto"}
+    cmd = [sys.executable, "-m", "cloudconnector.cli", "run", "-f", str(site.manifests), "--workers", "2"]
+    cmd += ["--bind", "127.0.0.1", "--mqtt-port", str(port), "--http-port", str(http)]
+    cmd += ["--state", str(site.state)]
+    log = (tmp_path / "run.log").open("wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    clients: dict[int, Client] = {}
+    try:
+        wait_for(lambda: port_open("127.0.0.1", port), what="the workers listening")
+        wait_for(lambda: phases(site) == ["Ready"] * DEVICES, timeout=60, what="the devices Ready")
+        pids = _pids(http)
+        assert sorted(pids) == ["0", "1"] and len(set(pids.values())) == 2
+        assert all(_alive(pid) for pid in pids.values()) and _ready(http) == 200
+
+        # Many source addresses and ports: the kernel spreads them over both workers' sockets.
+        for _ in range(3):
+            for i in range(DEVICES):
+                c = Client(f"meter-{i}", bind=_ip(i))
+                assert c.connect(port) == 0, i
+                c.publish(f"meter-{i}/telemetry", b"1")
+                c.close()
+        taken = _per_worker(http, "cloudconnector_proxy_worker_connections_total")
+        assert taken["0"] >= 1 and taken["1"] >= 1 and sum(taken.values()) >= 3 * DEVICES, taken
+        summed = dict(
+            (tuple(sorted(lb.items())), v)
+            for lb, v in _metrics(http)["cloudconnector_proxy_connections_total"]
+        )
+        assert summed[(("result", "ok"),)] >= 3 * DEVICES
+
+        # Everyone connected, shown connected; then one worker is killed.
+        for i in range(DEVICES):
+            clients[i] = Client(f"meter-{i}", bind=_ip(i))
+            assert clients[i].connect(port) == 0, i
+        names = {f"meter-{i:04d}" for i in range(DEVICES)}
+        wait_for(lambda: _connected(site) == names, timeout=30, what="every device shown connected")
+        sessions = _per_worker(http, "cloudconnector_proxy_worker_sessions")
+        assert sum(sessions.values()) == DEVICES, sessions
+        dead, other = ("0", "1") if sessions["0"] else ("1", "0")  # one that serves devices
+        victim = pids[dead]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: _pids(http).get(dead) not in (None, victim), timeout=30, what="the worker back")
+        assert _pids(http)[other] == pids[other]
+        assert _per_worker(http, "cloudconnector_proxy_worker_restarts_total") == {dead: 1.0, other: 0.0}
+        wait_for(lambda: _ready(http) == 200, timeout=30, what="ready again")
+        # The dead worker's devices: disconnected by the kernel, shown so by the parent; the other
+        # worker's stay connected.
+        wait_for(
+            lambda: sum(not c.disconnects.empty() for c in clients.values()) == sessions[dead],
+            what="the dead worker's devices cut",
+        )
+        cut = [i for i, c in clients.items() if not c.disconnects.empty()]
+        gone = {f"meter-{i:04d}" for i in cut}
+        wait_for(lambda: _connected(site) == names - gone, timeout=30, what="the dead worker's devices off")
+        for i in cut:  # they reconnect, through whichever worker the kernel picks
+            clients[i].close()
+            clients[i] = Client(f"meter-{i}", bind=_ip(i))
+            assert clients[i].connect(port) == 0, i
+        wait_for(lambda: _connected(site) == names, timeout=30, what="reconnected devices shown connected")
+        before = _per_worker(http, "cloudconnector_proxy_worker_connections_total")
+
+        # A removed Device: its session ends and every worker refuses it.
+        site.write(
+            "devices.yaml",
+            [
+                site.device(
+                    i, ip=_ip(i), cloudId=f"meter-{i}", credentialsSecretRef={"name": f"meter-{i}-tls"}
+                )
+                for i in range(1, DEVICES)
+            ],
+        )
+        wait_for(lambda: len(phases(site)) == DEVICES - 1, timeout=60, what="meter-0000 removed")
+        wait_for(lambda: not clients[0].disconnects.empty(), timeout=30, what="its session ended")
+        refused = []
+        for _ in range(16):
+            c = Client("meter-0", bind=_ip(0))
+            try:
+                refused.append(c.connect(port, timeout=5))
+            finally:
+                c.close()
+        assert refused and all(rc != 0 for rc in refused), refused
+        after = _per_worker(http, "cloudconnector_proxy_worker_connections_total")
+        assert after["0"] > before["0"] and after["1"] > before["1"], (before, after)
+
+        # SIGTERM: every worker drains, the devices are shown disconnected, nothing is left running.
+        alive = {f"meter-{i:04d}" for i in range(1, DEVICES)}
+        assert _connected(site) == alive
+        workers = list(_pids(http).values())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert not any(_alive(pid) for pid in workers)
+        assert all(not clients[i].disconnects.empty() for i in range(1, DEVICES))
+        assert _connected(site) == set() and set(_connections(site)) >= alive
+    finally:
+        for c in clients.values():
+            c.close()
+        stop(proc)
+        log.close()
+        print((tmp_path / "run.log").read_text()[-4000:])
+
+
+def test_worker_count_follows_the_cgroup_quota(tmp_path: Path) -> None:
+    cores = available_cores(tmp_path)  # no cgroup files: the affinity mask alone
+    assert cores == len(os.sched_getaffinity(0))
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs
+    assert available_cores(tmp_path) == min(cores, 2)
+    (tmp_path / "cpu.max").write_text("50000 100000\n")
+    assert available_cores(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert available_cores(tmp_path) == cores
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")  # cgroup v1
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert available_cores(tmp_path) == 1
+    assert worker_count(3) == 3 and worker_count(None) == available_cores()
