@@ -139,9 +139,14 @@ class DivertScanner:
             ptype = header >> 4
             publishes += ptype == PUBLISH  # a diverted one is still relayed, rewritten
             if self._divert[ptype]:
-                self._held = bytearray(chunk[pos : pos + 1])
-                self._held_need = length
-                pos = i
+                if i + length <= end:  # the usual case: all of it in this chunk, no copy to gather
+                    own, others = self._handler(header, chunk[i : i + length])
+                    out += own
+                    self._send_other(others)
+                else:
+                    self._held = bytearray(chunk[pos : pos + 1]) + chunk[i:end]  # header byte, body so far
+                    self._held_need = length - (end - i)
+                pos = i + length
                 continue
             out.append(chunk[pos:i])
             self._skip = length

@@ -180,11 +180,12 @@ def test_publishes_around_a_split_subscribe_stay_in_order(
     s.close()
 
 
-def test_scanner_cuts_out_only_the_diverted_packets() -> None:
+@pytest.mark.parametrize("step", [1, 7, 10_000], ids=["bytes", "chunks", "whole"])
+def test_scanner_cuts_out_only_the_diverted_packets(step: int) -> None:
     seen: list[tuple[int, bytes]] = []
 
     def handle(header: int, body: bytes) -> tuple[list[bytes], list[bytes]]:
-        seen.append((header, body))
+        seen.append((header, bytes(body)))
         return [b"<own>"], [b"<other>"]
 
     scanner = DivertScanner(1000, frozenset({8}), handle, drop_oversized=True)
@@ -193,17 +194,17 @@ def test_scanner_cuts_out_only_the_diverted_packets() -> None:
     publish = codec.encode(Publish("t", b"x" * 300, 0))
     sub = codec.encode(Subscribe(5, (Subscription("a", 1),)))
     big = codec.encode(Publish("t", b"y" * 2000, 0))
-    stream = publish + sub + big + publish
+    stream = publish + sub + big + publish + sub
     out = b""
     count = 0
-    for i in range(0, len(stream), 7):
-        n, data = scanner.feed(stream[i : i + 7])
+    for i in range(0, len(stream), step):
+        n, data = scanner.feed(stream[i : i + step])
         count += n
         out += data
-    assert out == publish + b"<own>" + publish
+    assert out == publish + b"<own>" + publish + b"<own>"
     assert count == 2 and scanner.dropped == 1 and scanner.last_dropped == len(big)
-    assert seen == [(sub[0], sub[2:])]
-    assert other.pending == [b"<other>"]
+    assert seen == [(sub[0], sub[2:])] * 2
+    assert other.pending == [b"<other>"] * 2
 
 
 def test_counters_of_a_live_session_are_flushed(world: World, proxy: ProxyThread, admin: Client) -> None:
