@@ -69,8 +69,9 @@ WAIT_DELAY = 30.0
 
 @dataclass(frozen=True)
 class Hold:
-    """Why no new cloud work may start for a device now (its Group or Endpoint is being deleted):
-    an identity it already has stays in service, and removing one is always allowed."""
+    """Why no new cloud work may start for a device now (its Group or Endpoint is being deleted,
+    or the Endpoint is not Ready and says why): an identity it already has stays in service, and
+    removing one is always allowed."""
 
     reason: str
     message: str
