@@ -40,6 +40,7 @@ from cloudconnector.mqtt.packets import (
     Will,
 )
 from cloudconnector.mqtt.properties import Prop, build_properties
+from cloudconnector.proxy.topics import TopicPrefix
 from cloudconnector.proxy.transform import Chain, Passthrough, transform_for
 from cloudconnector.routes import Route, build_route
 from tests.proxy.conftest import (
@@ -511,3 +512,15 @@ def codec_body(raw: bytes) -> bytes:
     while raw[i] & 0x80:
         i += 1
     return raw[i + 1 :]
+
+
+def test_filters_are_rewritten_shared_subscriptions_by_their_filter_part() -> None:
+    t = TopicPrefix("fleet/d/")
+    assert [t.up_filter(f) for f in ("#", "+/cmd", "$share/g/cmd/#", "$aws/things/d/#", "$share/bad")] == [
+        "fleet/d/#",
+        "fleet/d/+/cmd",
+        "$share/g/fleet/d/cmd/#",
+        "$aws/things/d/#",
+        "$share/bad",
+    ]
+    assert t.down("fleet/d/cmd") == "cmd" and t.down("fleet/d/") == "fleet/d/" and t.down("x") == "x"
