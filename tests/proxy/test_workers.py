@@ -255,3 +255,26 @@ def test_worker_count_follows_the_cgroup_quota(tmp_path: Path) -> None:
     (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
     assert available_cores(tmp_path) == 1
     assert worker_count(3) == 3 and worker_count(None) == available_cores()
+
+
+@pytest.mark.parametrize(("value", "workers"), [(None, 2), ("auto", None), (4, 4), (1, 1)])
+def test_chart_sets_the_worker_count(value: object, workers: int | None) -> None:
+    from cloudconnector.proxy.config import from_mapping
+    from tests.helm.chart import env_of, load, render
+
+    values = {} if value is None else {"proxy": {"workers": value}}
+    rendered = render(load(), values)
+    deployment = rendered.one("Deployment", "cc-cloud-connector-proxy")
+    env = env_of(deployment["spec"]["template"]["spec"]["containers"][0])
+    only = {"CC_PROXY_TLS_PORT": "off", "CC_PROXY_WORKERS": env["CC_PROXY_WORKERS"]}
+    assert from_mapping(only).workers == workers
+
+
+@pytest.mark.parametrize("value", [0, "many", 2.5])
+def test_chart_refuses_a_bad_worker_count(value: object) -> None:
+    import helm_python
+
+    from tests.helm.chart import load
+
+    with pytest.raises(helm_python.HelmValuesError, match="/proxy/workers"):
+        load().validate_schema({"proxy": {"workers": value}})
