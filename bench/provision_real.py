@@ -184,16 +184,18 @@ class Profiles:
         self.directory = directory
         self.pids = pids
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.tag = ""
 
-    def start(self) -> None:
+    def start(self, names: tuple[str, ...] = ("operator", "moto"), tag: str = "") -> None:
+        self.tag = tag
         exe = shutil.which("py-spy")
         if self.directory is None or exe is None:
             if self.directory is not None:
                 print("--profile needs py-spy on PATH; no profile taken")
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        for name in ("operator", "moto"):
-            out = self.directory / f"{name}.txt"
+        for name in names:
+            out = self.directory / f"{name}{tag}.txt"
             # --gil: only the thread holding the GIL is sampled, so shares are of Python CPU time,
             # not of threads waiting for an answer.
             argv = [exe, "record", "-p", str(self.pids[name]), "-o", str(out), "-f", "raw", "-r", "50"]
@@ -206,7 +208,7 @@ class Profiles:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(60)
             assert self.directory is not None
-            out = self.directory / f"{name}.txt"
+            out = self.directory / f"{name}{self.tag}.txt"
             if out.exists():
                 print(f"profile of {name:<9}: {summarize(out)}")
         self.procs.clear()
@@ -577,9 +579,8 @@ def wait_until(what: str, check: Any, timeout: float, interval: float = 0.5) -> 
     return False
 
 
-def wait_idle(rig: Rig, quiet: float, timeout: float) -> float:
-    """Seconds from now until the operator's API, cloud and Vault traffic last changed."""
-    start = time.monotonic()
+def wait_idle(rig: Rig, quiet: float, timeout: float, start: float) -> float:
+    """Seconds from ``start`` until the operator's API, cloud and Vault traffic last changed."""
     last_change = start
     previous = None
     while time.monotonic() - start < timeout:
@@ -669,10 +670,15 @@ def run(args: argparse.Namespace) -> int:
             wait_until("the seeded Devices in the watch", lambda: len(watch.ready) >= total, 120)
         rig.bench_api.clear()
         before = rig.snapshot()
+        started = time.monotonic()
         rig.pids["operator"] = operator.start()
         before.cpu["operator"] = 0.0  # a new process: all of its CPU time is this phase's
-        idle = wait_idle(rig, quiet=args.quiet, timeout=args.timeout)
+        if args.profile:
+            time.sleep(1.0)  # py-spy needs the interpreter up
+            profiles.start(("operator",), "-restart")
+        idle = wait_idle(rig, quiet=args.quiet, timeout=args.timeout, start=started)
         after = rig.snapshot()
+        profiles.stop()
         d = Delta.between(before, after, rig.bench_api)
         still = sum(1 for phase in watch.phase.values() if phase == "Ready")
         print(f"back to idle after     : {idle:.1f} s (no operator traffic for {args.quiet:g} s after that)")
