@@ -7,6 +7,7 @@ connection status is written throughout."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -14,20 +15,29 @@ import sqlite3
 import subprocess
 import sys
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import kmock as kmocklib
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cloudconnector.keystore.base import KeyMaterial
+from cloudconnector.keystore.vault import VaultKeyStore
+from cloudconnector.kube.client import KubeClient
+from cloudconnector.kube.config import KubeConfig
+from cloudconnector.model import ObjectRef
+from cloudconnector.proxy.kube_directory import DEVICES, ENDPOINTS, GROUPS
 from cloudconnector.proxy.workers import available_cores, worker_count
-from tests.proxy.conftest import ACL, Client, broker_config
+from tests.proxy.conftest import ACL, Client, Pki, broker_config
+from tests.proxy.test_kube_directory import body, serve_crds
 from tests.standalone.conftest import API, Site
 from tests.standalone.test_cli_restart import phases
 from tests.support.pki import CA
-from tests.support.procs import Mosquitto, free_port, port_open, run_mosquitto, stop, wait_for
+from tests.support.procs import Bao, Mosquitto, free_port, port_open, run_mosquitto, stop, wait_for
 
-DEVICES = 6
+FLEET = 6
 
 
 def _ip(i: int) -> str:
@@ -35,7 +45,7 @@ def _ip(i: int) -> str:
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[tuple[CA, Mosquitto]]:
+def site_broker(tmp_path: Path) -> Iterator[tuple[CA, Mosquitto]]:
     ca = CA()
     (tmp_path / "ca.crt").write_text(ca.cert_pem)
     ca.issue("localhost", hosts=("localhost", "127.0.0.1")).write(tmp_path, "broker")
@@ -136,9 +146,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_two_workers_serve_one_port(tmp_path: Path, broker: tuple[CA, Mosquitto]) -> None:
-    ca, mosquitto = broker
-    site = _site(tmp_path, ca, mosquitto, range(DEVICES))
+def test_two_workers_serve_one_port(tmp_path: Path, site_broker: tuple[CA, Mosquitto]) -> None:
+    ca, mosquitto = site_broker
+    site = _site(tmp_path, ca, mosquitto, range(FLEET))
     port, http = free_port(), free_port()
     env = {**os.environ, "CC_PROXY_STATUS_INTERVAL": "1", "CC_PROXY_WORKERS": "auto"}
     cmd = [sys.executable, "-m", "cloudconnector.cli", "run", "-f", str(site.manifests), "--workers", "2"]
@@ -149,34 +159,34 @@ def test_two_workers_serve_one_port(tmp_path: Path, broker: tuple[CA, Mosquitto]
     clients: dict[int, Client] = {}
     try:
         wait_for(lambda: port_open("127.0.0.1", port), what="the workers listening")
-        wait_for(lambda: phases(site) == ["Ready"] * DEVICES, timeout=60, what="the devices Ready")
+        wait_for(lambda: phases(site) == ["Ready"] * FLEET, timeout=60, what="the devices Ready")
         pids = _pids(http)
         assert sorted(pids) == ["0", "1"] and len(set(pids.values())) == 2
         assert all(_alive(pid) for pid in pids.values()) and _ready(http) == 200
 
         # Many source addresses and ports: the kernel spreads them over both workers' sockets.
         for _ in range(3):
-            for i in range(DEVICES):
+            for i in range(FLEET):
                 c = Client(f"meter-{i}", bind=_ip(i))
                 assert c.connect(port) == 0, i
                 c.publish(f"meter-{i}/telemetry", b"1")
                 c.close()
         taken = _per_worker(http, "cloudconnector_proxy_worker_connections_total")
-        assert taken["0"] >= 1 and taken["1"] >= 1 and sum(taken.values()) >= 3 * DEVICES, taken
+        assert taken["0"] >= 1 and taken["1"] >= 1 and sum(taken.values()) >= 3 * FLEET, taken
         summed = dict(
             (tuple(sorted(lb.items())), v)
             for lb, v in _metrics(http)["cloudconnector_proxy_connections_total"]
         )
-        assert summed[(("result", "ok"),)] >= 3 * DEVICES
+        assert summed[(("result", "ok"),)] >= 3 * FLEET
 
         # Everyone connected, shown connected; then one worker is killed.
-        for i in range(DEVICES):
+        for i in range(FLEET):
             clients[i] = Client(f"meter-{i}", bind=_ip(i))
             assert clients[i].connect(port) == 0, i
-        names = {f"meter-{i:04d}" for i in range(DEVICES)}
+        names = {f"meter-{i:04d}" for i in range(FLEET)}
         wait_for(lambda: _connected(site) == names, timeout=30, what="every device shown connected")
         sessions = _per_worker(http, "cloudconnector_proxy_worker_sessions")
-        assert sum(sessions.values()) == DEVICES, sessions
+        assert sum(sessions.values()) == FLEET, sessions
         dead, other = ("0", "1") if sessions["0"] else ("1", "0")  # one that serves devices
         victim = pids[dead]
         os.kill(victim, signal.SIGKILL)
@@ -207,10 +217,10 @@ def test_two_workers_serve_one_port(tmp_path: Path, broker: tuple[CA, Mosquitto]
                 site.device(
                     i, ip=_ip(i), cloudId=f"meter-{i}", credentialsSecretRef={"name": f"meter-{i}-tls"}
                 )
-                for i in range(1, DEVICES)
+                for i in range(1, FLEET)
             ],
         )
-        wait_for(lambda: len(phases(site)) == DEVICES - 1, timeout=60, what="meter-0000 removed")
+        wait_for(lambda: len(phases(site)) == FLEET - 1, timeout=60, what="meter-0000 removed")
         wait_for(lambda: not clients[0].disconnects.empty(), timeout=30, what="its session ended")
         refused = []
         for _ in range(16):
@@ -224,13 +234,13 @@ def test_two_workers_serve_one_port(tmp_path: Path, broker: tuple[CA, Mosquitto]
         assert after["0"] > before["0"] and after["1"] > before["1"], (before, after)
 
         # SIGTERM: every worker drains, the devices are shown disconnected, nothing is left running.
-        alive = {f"meter-{i:04d}" for i in range(1, DEVICES)}
+        alive = {f"meter-{i:04d}" for i in range(1, FLEET)}
         assert _connected(site) == alive
         workers = list(_pids(http).values())
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         assert not any(_alive(pid) for pid in workers)
-        assert all(not clients[i].disconnects.empty() for i in range(1, DEVICES))
+        assert all(not clients[i].disconnects.empty() for i in range(1, FLEET))
         assert _connected(site) == set() and set(_connections(site)) >= alive
     finally:
         for c in clients.values():
@@ -278,3 +288,96 @@ def test_chart_refuses_a_bad_worker_count(value: object) -> None:
 
     with pytest.raises(helm_python.HelmValuesError, match="/proxy/workers"):
         load().validate_schema({"proxy": {"workers": value}})
+
+
+async def test_cloud_connector_proxy_with_two_workers(
+    kmock: kmocklib.KubernetesEmulator,
+    pki: Pki,
+    broker: Mosquitto,
+    bao: Bao,
+    stores: tuple[VaultKeyStore, VaultKeyStore],
+    admin: Client,
+) -> None:
+    """The Deployment's command: the parent watches (kmock here) and the workers read credentials
+    from OpenBao with the proxy's token; both serve, a deleted Device is refused by both, and
+    SIGTERM drains them."""
+    serve_crds(kmock)
+    server = str(kmock.url).rstrip("/")
+    kube = KubeClient(KubeConfig(server=server))
+    ns = f"w-{uuid.uuid4().hex[:6]}"
+    ep_spec = {"type": "AwsIotCore", "aws": {"region": "eu-west-1"}, "caCertificate": pki.ca.cert_pem}
+    ep_status = {"phase": "Ready", "host": "localhost", "port": broker.port}
+    await kube.create(ENDPOINTS, ns, body("Endpoint", ns, "aws", ep_spec, ep_status))
+    await kube.create(GROUPS, ns, body("Group", ns, "g", {"endpointRef": {"name": "aws"}}, {}))
+    writer, reader = stores
+    for i in range(4):
+        thing = f"fleet_w-{i}"
+        spec = {"group": "g", "sim": {"iccid": f"89353018888888880{i:02d}"}, "ip": f"127.22.0.{10 + i}"}
+        status = {"phase": "Ready", "endpoint": "aws", "cloudId": thing, "certificateId": "c1"}
+        await kube.create(DEVICES, ns, body("Device", ns, f"w-{i}", {**spec, "cloudId": thing}, status))
+        issued = pki.ca.issue(thing, client=True)
+        await writer.put(ObjectRef(ns, f"w-{i}"), KeyMaterial(issued.cert_pem, issued.key_pem), {})
+    mqtt_port, http = free_port(), free_port()
+    env = {
+        **os.environ,
+        "CLOUDCONNECTOR_K8S_SERVER": server,
+        "VAULT_ADDR": bao.url,
+        "VAULT_TOKEN": reader.config.token or "",
+        "CC_PROXY_BIND": "127.0.0.1",
+        "CC_PROXY_MQTT_PORT": str(mqtt_port),
+        "CC_PROXY_TLS_PORT": "off",
+        "CC_PROXY_HTTP_BIND": "127.0.0.1",
+        "CC_PROXY_HTTP_PORT": str(http),
+        "CC_PROXY_DRAIN_SECONDS": "0.2",
+    }
+    cmd = ["-m", "cloudconnector.proxy.main", "--namespace", ns, "--workers", "2"]
+    proc = await asyncio.create_subprocess_exec(sys.executable, *cmd, env=env, stderr=asyncio.subprocess.PIPE)
+    try:
+        await asyncio.to_thread(wait_for, lambda: _ready(http) == 200, 30.0, "proxy ready")
+        pids = await asyncio.to_thread(_pids, http)
+        assert sorted(pids) == ["0", "1"]
+        admin.subscribe("fleet_w-0/#", 1)
+
+        def connect_all() -> None:
+            for _ in range(3):
+                for i in range(4):
+                    c = Client("anything", bind=f"127.22.0.{10 + i}")
+                    try:
+                        assert c.connect(mqtt_port) == 0, i
+                        c.publish(f"fleet_w-{i}/up", b"x", 1)
+                    finally:
+                        c.close()
+
+        await asyncio.to_thread(connect_all)
+        assert (await asyncio.to_thread(admin.expect)).payload == b"x"
+        taken = await asyncio.to_thread(_per_worker, http, "cloudconnector_proxy_worker_connections_total")
+        assert taken["0"] >= 1 and taken["1"] >= 1 and sum(taken.values()) >= 12, taken
+
+        await kube.request("DELETE", DEVICES.path(ns, "w-0"))
+
+        def refused_by_both() -> bool:
+            before = _per_worker(http, "cloudconnector_proxy_worker_connections_total")
+            codes = []
+            for _ in range(16):
+                c = Client("anything", bind="127.22.0.10")
+                try:
+                    codes.append(c.connect(mqtt_port, timeout=5))
+                except Exception:
+                    codes.append(-1)  # closed before the handshake: also refused
+                finally:
+                    c.close()
+            after = _per_worker(http, "cloudconnector_proxy_worker_connections_total")
+            return all(code != 0 for code in codes) and all(after[w] > before[w] for w in after)
+
+        await asyncio.to_thread(wait_for, refused_by_both, 20.0, "w-0 refused by both workers")
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        assert not any(_alive(pid) for pid in pids.values())
+    finally:
+        await kube.aclose()
+        if proc.returncode is None:
+            proc.kill()
+        assert proc.stderr is not None
+        logs = (await proc.stderr.read()).decode()
+    assert logs.count('"message": "proxy listening"') >= 2  # the parent's line and each worker's
+    assert '"worker": 1' in logs and "PRIVATE KEY" not in logs
