@@ -61,8 +61,8 @@ def _b64(data: bytes) -> str:
 class VaultKeyStore:
     """Both roles over Vault; which one actually works is decided by the token's policy.
 
-    The operator builds it with its own role (``put``/``describe``/``delete``), the proxy with
-    its read-only role (``get``).
+    The operator builds it with its own role (``put``/``describe``/``delete``, sent through hvac),
+    the proxy with its read-only role (``get``, sent natively over aiohttp).
     """
 
     def __init__(self, config: VaultConfig, *, session: VaultSession | None = None) -> None:
@@ -78,6 +78,9 @@ class VaultKeyStore:
 
     def close(self) -> None:
         self.session.close()
+
+    async def aclose(self) -> None:
+        await self.session.aclose()
 
     # Paths.
 
@@ -173,7 +176,8 @@ class VaultKeyStore:
     # KeyReader.
 
     async def get(self, device: ObjectRef, location: str | None = None) -> KeyMaterial:
-        body = await self.session.request("GET", self._data_path_at(device, location))
+        # The proxy's path at every device connection: sent natively on the event loop (vault_http).
+        body = await self.session.read("GET", self._data_path_at(device, location))
         record = ((body or {}).get("data") or {}).get("data")
         if not record:
             raise KeyError(str(device))
@@ -218,7 +222,7 @@ class VaultKeyStore:
 
     async def _decrypt(self, key: str, device: ObjectRef, field: str, ciphertext: str) -> bytes:
         try:
-            body = await self.session.request(
+            body = await self.session.read(
                 "POST",
                 self._transit("decrypt", key),
                 {"ciphertext": ciphertext, "associated_data": _b64(_context(device, field))},
