@@ -16,11 +16,11 @@ of the private key (two HTTP requests). For each client it reports:
 
 Clients:
 
-- ``hvac/threads``: ``VaultKeyStore.get`` exactly as the proxy runs it today: hvac's raw adapter
-  on requests, each request in a worker thread (``asyncio.to_thread``), at most 16 at once;
-- ``hvac/threads x64``: the same with 64 requests at once, to tell the semaphore from the threads;
-- ``aiohttp``: the same two requests sent natively on the event loop with aiohttp (one pooled
-  session, keep-alive), the candidate for the proxy's path, with hvac kept for setup only.
+- ``aiohttp (shipped)``: ``VaultKeyStore.get`` as the proxy runs it: both requests sent natively on
+  the event loop over one kept aiohttp session (``keystore/vault_http.py``);
+- ``hvac/threads (before)``: the same ``get`` with both requests sent the way they were before
+  (and the operator's writes still are): hvac's raw adapter on requests, each request in a worker
+  thread (``asyncio.to_thread``), at most 16 at once.
 
 Every client's result is checked against the stored certificate, so a fast wrong answer cannot win.
 """
@@ -29,17 +29,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import os
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import uvloop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # bao
 
 from cloudconnector.keystore.base import KeyMaterial  # noqa: E402
-from cloudconnector.keystore.vault import VaultKeyStore, transit_key_name  # noqa: E402
+from cloudconnector.keystore.vault import VaultKeyStore  # noqa: E402
 from cloudconnector.keystore.vault_config import VaultConfig  # noqa: E402
 from cloudconnector.keystore.vault_session import VaultSession  # noqa: E402
 from cloudconnector.keystore.vault_setup import OPERATOR_POLICY, PROXY_POLICY  # noqa: E402
@@ -60,42 +58,13 @@ CONCURRENCY = (1, 16, 64, 256)
 Fetch = Callable[[ObjectRef], Awaitable[KeyMaterial]]
 
 
-class NativeReader:
-    """The proxy's fetch over aiohttp: the same paths, associated data and checks as
-    ``VaultKeyStore.get``, without a thread per request."""
+class ThreadedReads(VaultSession):
+    """The proxy's reads as they were sent before: through hvac, a worker thread per request."""
 
-    def __init__(self, config: VaultConfig) -> None:
-        self._config = config
-        self._headers = {"X-Vault-Token": config.token or ""}
-        self._session = aiohttp.ClientSession(
-            base_url=config.address,
-            connector=aiohttp.TCPConnector(limit=256),
-            timeout=aiohttp.ClientTimeout(total=config.timeout),
-        )
-
-    async def aclose(self) -> None:
-        await self._session.close()
-
-    async def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        async with self._session.request(method, f"/v1/{path}", json=body, headers=self._headers) as resp:
-            if resp.status != 200:
-                raise RuntimeError(f"{method} {path}: HTTP {resp.status}")
-            return dict(await resp.json())
-
-    async def get(self, device: ObjectRef) -> KeyMaterial:
-        cfg = self._config
-        record = (
-            await self._json("GET", f"{cfg.kv_mount}/data/{cfg.prefix}/{device.namespace}/{device.name}")
-        )["data"]["data"]
-        key = transit_key_name(device)
-        if record.get("transit_key") != key:
-            raise RuntimeError("record of another slot")
-        context = f"cloud-connector/{device.namespace}/{device.name}/private_key".encode()
-        body = {"ciphertext": record["private_key"], "associated_data": base64.b64encode(context).decode()}
-        answer = await self._json("POST", f"{cfg.transit_mount}/decrypt/{key}", body)
-        return KeyMaterial(
-            record["certificate"], base64.b64decode(answer["data"]["plaintext"]), record.get("ca")
-        )
+    async def read(
+        self, method: str, path: str, payload: Mapping[str, Any] | None = None
+    ) -> Mapping[str, Any] | None:
+        return await self.request(method, path, payload)
 
 
 def _cpu_of(pid: int) -> float:
@@ -180,17 +149,15 @@ async def run(count: int, fetches: int) -> list[Result]:
         devices, expected = await _store(writer, count)
         writer.close()
         results = []
-        for name, concurrency in (("hvac/threads", 16), ("hvac/threads x64", 64)):
-            store = VaultKeyStore(proxy, session=VaultSession(proxy, max_concurrency=concurrency))
+        for name, session in (
+            ("aiohttp (shipped)", VaultSession(proxy)),
+            ("hvac/threads (before)", ThreadedReads(proxy)),
+        ):
+            store = VaultKeyStore(proxy, session=session)
             try:
                 results.append(await _measure(name, store.get, devices, expected, fetches, bao.proc.pid))
             finally:
-                store.close()
-        native = NativeReader(proxy)
-        try:
-            results.append(await _measure("aiohttp", native.get, devices, expected, fetches, bao.proc.pid))
-        finally:
-            await native.aclose()
+                await store.aclose()
         return results
 
 
@@ -201,13 +168,13 @@ def main() -> None:
     args = parser.parse_args()
     results = uvloop.run(run(args.devices, args.fetches))
     print(f"\ncredential fetch from OpenBao (KV v2 read + transit decrypt), {args.devices} devices")
-    header = f"{'client':<18} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7}"
+    header = f"{'client':<22} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7}"
     header += (
         "".join(f" {f'c={c} /s':>9}" for c in CONCURRENCY) + f" {'cpu ms/fetch':>13} {'bao ms/fetch':>13}"
     )
     print(header)
     for r in results:
-        line = f"{r.name:<18} {r.p50:>7.2f} {r.p95:>7.2f} {r.p99:>7.2f}"
+        line = f"{r.name:<22} {r.p50:>7.2f} {r.p95:>7.2f} {r.p99:>7.2f}"
         line += "".join(f" {r.rates[c]:>9.0f}" for c in CONCURRENCY)
         print(line + f" {r.cpu_self_ms:>13.2f} {r.cpu_bao_ms:>13.2f}")
 
