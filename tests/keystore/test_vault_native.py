@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import traceback
+from asyncio.subprocess import PIPE
 from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -26,6 +28,8 @@ from cloudconnector.model import ObjectRef
 from tests.keystore.conftest import Roles, SealableBao, make_token
 from tests.keystore.test_vault_auth import AUDIENCE, PROXY_SA, jwt_key, sign_jwt  # noqa: F401 - a fixture
 from tests.support.procs import Bao, stop
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def connections_to(url: str) -> int:
@@ -229,3 +233,34 @@ async def test_no_secret_in_native_errors_or_logs(
         for secret in secrets:
             assert secret not in text
         assert "PRIVATE KEY" not in text
+
+
+async def test_the_read_path_loads_no_hvac(
+    roles: Roles, operator: VaultKeyStore, device: ObjectRef, material: KeyMaterial
+) -> None:
+    """A process that only reads (the proxy) fetches without importing hvac or requests."""
+    await operator.put(device, material, {})
+    script = (
+        "import asyncio, sys\n"
+        "from cloudconnector.keystore.vault import VaultKeyStore\n"
+        "from cloudconnector.model import ObjectRef\n"
+        "async def main():\n"
+        "    store = VaultKeyStore.from_env()\n"
+        f"    got = await store.get(ObjectRef({device.namespace!r}, {device.name!r}))\n"
+        "    await store.aclose()\n"
+        "    print(got.certificate_pem.splitlines()[0], sorted({'hvac', 'requests'} & set(sys.modules)))\n"
+        "asyncio.run(main())\n"
+    )
+    env = {"PATH": os.environ["PATH"], "VAULT_ADDR": roles.url, "VAULT_TOKEN": roles.proxy_token}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        script,
+        env=env,
+        cwd=REPO,
+        stdout=PIPE,
+        stderr=PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert out.decode().split() == ["-----BEGIN", "CERTIFICATE-----", "[]"]
