@@ -14,6 +14,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -37,7 +38,7 @@ from tests.standalone.test_cli_restart import phases
 from tests.support.pki import CA
 from tests.support.procs import Bao, Mosquitto, free_port, port_open, run_mosquitto, stop, wait_for
 
-FLEET = 6
+FLEET = 4
 
 
 def _ip(i: int) -> str:
@@ -150,7 +151,7 @@ def test_two_workers_serve_one_port(tmp_path: Path, site_broker: tuple[CA, Mosqu
     ca, mosquitto = site_broker
     site = _site(tmp_path, ca, mosquitto, range(FLEET))
     port, http = free_port(), free_port()
-    env = {**os.environ, "CC_PROXY_STATUS_INTERVAL": "1", "CC_PROXY_WORKERS": "auto"}
+    env = {**os.environ, "CC_PROXY_STATUS_WRITES_PER_SECOND": "2"}
     cmd = [sys.executable, "-m", "cloudconnector.cli", "run", "-f", str(site.manifests), "--workers", "2"]
     cmd += ["--bind", "127.0.0.1", "--mqtt-port", str(port), "--http-port", str(http)]
     cmd += ["--state", str(site.state)]
@@ -178,6 +179,34 @@ def test_two_workers_serve_one_port(tmp_path: Path, site_broker: tuple[CA, Mosqu
             for lb, v in _metrics(http)["cloudconnector_proxy_connections_total"]
         )
         assert summed[(("result", "ok"),)] >= 3 * FLEET
+
+        # One device reconnecting until its new session lands on the other worker: the broker then
+        # drops the older session, whose end must not overwrite the newer one's "connected". With
+        # one status write a second per worker, the older worker has just spent its write on
+        # "connected" and writes the end up to a second after the idle worker wrote the new
+        # session: the order in which a pod-wide "still this proxy?" test would be fooled.
+        def serving() -> dict[str, float]:
+            return _per_worker(http, "cloudconnector_proxy_worker_sessions")
+
+        held, older, moved = None, None, False
+        for _ in range(30):
+            c = Client("meter-1", bind=_ip(1))
+            assert c.connect(port) == 0
+            wait_for(lambda: sum(serving().values()) == 1, what="one session of meter-1")
+            now = next(w for w, v in serving().items() if v)
+            if older is not None:
+                older.disconnects.get(timeout=10)  # the older session ended
+                older.close()
+            moved = held is not None and now != held
+            held, older = now, c
+            if moved:
+                break
+            wait_for(lambda: "meter-0001" in _connected(site), what="meter-1 shown connected")
+        assert moved and older is not None
+        time.sleep(2.5)  # the older worker's end of session is written by then, or dropped
+        assert _connections(site)["meter-0001"]["connected"] is True
+        older.close()
+        wait_for(lambda: "meter-0001" not in _connected(site), what="meter-1 shown disconnected")
 
         # Everyone connected, shown connected; then one worker is killed.
         for i in range(FLEET):
