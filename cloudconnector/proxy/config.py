@@ -88,6 +88,15 @@ def _bool(text: str) -> bool:
     return text.strip().lower() in ("1", "true", "yes", "on")
 
 
+def _workers(text: str) -> int | None:
+    if text.strip().lower() in ("", "auto"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"workers must be a number of processes or auto, not {text!r}") from None
+
+
 _PARSERS: dict[str, Any] = {
     "mqtt_port": _port,
     "tls_port": _port,
@@ -107,7 +116,7 @@ _PARSERS: dict[str, Any] = {
     "connection_status": _bool,
     "status_interval": float,
     "status_writes_per_second": float,
-    "workers": lambda t: None if t.strip().lower() in ("", "auto") else int(t),
+    "workers": _workers,
 }
 
 

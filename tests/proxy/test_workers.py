@@ -164,6 +164,11 @@ def test_two_workers_serve_one_port(tmp_path: Path, site_broker: tuple[CA, Mosqu
         pids = _pids(http)
         assert sorted(pids) == ["0", "1"] and len(set(pids.values())) == 2
         assert all(_alive(pid) for pid in pids.values()) and _ready(http) == 200
+        # A second proxy on the same port is refused in one line, not let into the workers' group.
+        second = [*cmd[:-2], "--state", str(tmp_path / "second"), "--http-port", "0"]
+        done = subprocess.run(second, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, done.stderr
+        assert f"run: cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
 
         # Many source addresses and ports: the kernel spreads them over both workers' sockets.
         for _ in range(3):
