@@ -9,6 +9,7 @@ it was told to watch).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -68,26 +69,35 @@ async def _allowed(
 
 
 async def check(kube: KubeClient, config: OperatorConfig) -> None:
-    """Raise :class:`CannotStart` naming the first thing that keeps the operator from working."""
+    """Raise :class:`CannotStart` naming the first thing that keeps the operator from working.
+
+    The questions go out together (a restarted operator should not start later for asking), and
+    the answers are judged in a fixed order, so the line names the same problem every time.
+    """
     resources = [Resource(api.GROUP, api.VERSION, plural) for plural in api.PLURALS.values()]
     peering: Iterable[Resource] = ()
     if config.peering is not None:
         peering = [KOPF_PEERINGS] if config.namespaces else [CLUSTER_KOPF_PEERINGS]
-    for namespace in _scopes(config):
-        for res in [*resources, *peering]:
-            try:
-                await _list(kube, res, None if res is CLUSTER_KOPF_PEERINGS else namespace)
-            except KubeError as e:
-                if e.status == 0 or e.status >= 500:
-                    raise  # the API is not reachable (yet): the caller retries
-                raise _explain(e, res, namespace, config) from None
-        for res in resources:
-            for verb in VERBS:
-                if await _allowed(kube, res.plural, res.group, verb, namespace) is False:
-                    raise CannotStart(
-                        f"not allowed to {verb} {res.plural}.{res.group} {_where(namespace)}: grant the "
-                        "operator's ServiceAccount the chart's RBAC (operator-rbac.yaml)"
-                    )
+    lists = [(res, namespace) for namespace in _scopes(config) for res in [*resources, *peering]]
+    answers = await asyncio.gather(
+        *(_list(kube, res, None if res is CLUSTER_KOPF_PEERINGS else ns) for res, ns in lists),
+        return_exceptions=True,
+    )
+    for (res, namespace), answer in zip(lists, answers, strict=True):
+        if isinstance(answer, KubeError):
+            if answer.status == 0 or answer.status >= 500:
+                raise answer  # the API is not reachable (yet): the caller retries
+            raise _explain(answer, res, namespace, config) from None
+        if isinstance(answer, BaseException):
+            raise answer
+    reviews = [(res, verb, ns) for ns in _scopes(config) for res in resources for verb in VERBS]
+    verdicts = await asyncio.gather(*(_allowed(kube, r.plural, r.group, v, ns) for r, v, ns in reviews))
+    for (res, verb, namespace), allowed in zip(reviews, verdicts, strict=True):
+        if allowed is False:
+            raise CannotStart(
+                f"not allowed to {verb} {res.plural}.{res.group} {_where(namespace)}: grant the "
+                "operator's ServiceAccount the chart's RBAC (operator-rbac.yaml)"
+            )
 
 
 def _explain(e: KubeError, res: Resource, namespace: str | None, config: OperatorConfig) -> CannotStart:
