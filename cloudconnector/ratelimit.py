@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import math
 import random
 import time
@@ -23,6 +24,12 @@ HEADROOM = 2.0
 devices slower than the fastest (latency jitter, a throttled call's backoff)."""
 DRIFT = 0.005
 """How far the base time moves toward the typical time with each finished device."""
+
+# The limiters whose turn the current task holds: admission is not taken twice by one device
+# whose caller already waited for it (a reconciler admitting before its first status write).
+_HELD: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
+    "cloudconnector_admitted", default=frozenset()
+)
 
 
 class RateLimiter:
@@ -83,7 +90,12 @@ class RateLimiter:
     @asynccontextmanager
     async def admit(self) -> AsyncIterator[None]:
         """One device's turn: a token and an in-flight slot, in arrival order; the slot is held
-        until the block ends, whatever way it ends."""
+        until the block ends, whatever way it ends. Inside a block the same task already holds,
+        it takes nothing more."""
+        held = _HELD.get()
+        if id(self) in held:
+            yield
+            return
         async with self._lock:
             while self._in_flight >= self.in_flight_limit:
                 self._released.clear()
@@ -91,12 +103,14 @@ class RateLimiter:
             await self._take_token()
             self._in_flight += 1
         started = time.monotonic()
+        mark = _HELD.set(held | {id(self)})
         try:
             yield
             # Only finished work is timed: a device failing at once (keys revoked) says nothing
             # about how long one takes.
             self._measured(time.monotonic() - started)
         finally:
+            _HELD.reset(mark)
             self._in_flight -= 1
             self._released.set()
 

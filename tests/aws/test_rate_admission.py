@@ -76,6 +76,23 @@ async def test_a_failing_device_gives_its_slot_back() -> None:
             assert limiter.in_flight == 1
 
 
+async def test_a_device_admitted_by_its_caller_is_not_admitted_twice() -> None:
+    limiter = RateLimiter(0.5, max_in_flight=1)  # a second token would take two seconds
+    # The inner one is the provisioner's own admission inside the reconciler's.
+    async with asyncio.timeout(1), limiter.admit(), limiter.admit():
+        assert limiter.in_flight == 1
+    assert limiter.in_flight == 0
+    other = asyncio.create_task(_admitted_once(limiter))
+    await asyncio.sleep(0.1)
+    assert not other.done()  # another device still waits for its token
+    other.cancel()
+
+
+async def _admitted_once(limiter: RateLimiter) -> None:
+    async with limiter.admit():
+        pass
+
+
 async def test_devices_in_flight_follow_rate_times_measured_device_time() -> None:
     limiter = RateLimiter(40.0, first_guess=0.0)
     assert limiter.in_flight_limit == MIN_IN_FLIGHT
