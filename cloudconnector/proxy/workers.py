@@ -316,6 +316,8 @@ class WorkerPool:
                     with contextlib.suppress(ProcessLookupError):
                         p.kill()
         writer, supervisors = self._tasks[:1], self._tasks[1:]
+        if supervisors:  # each reads what its worker sent before it exited, then returns
+            await asyncio.wait(supervisors, timeout=5)
         for task in supervisors:
             task.cancel()
         await asyncio.gather(*supervisors, return_exceptions=True)
@@ -396,6 +398,8 @@ class WorkerPool:
         finally:
             self.directory.unlisten(send)
             w.send = None
+            # The last status writes may still be in the socket: read to its end, briefly.
+            await asyncio.wait([reading], timeout=2)
             reading.cancel()
             await asyncio.gather(reading, return_exceptions=True)
             writer.close()
