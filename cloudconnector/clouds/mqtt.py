@@ -47,7 +47,8 @@ class MqttBrokerProvisioner:
         self, device: Device, progress: Progress, checkpoint: Checkpoint, keys: KeyWriter
     ) -> CloudIdentity:
         raise PermanentError(
-            "credentials for an MqttBroker endpoint are rotated by replacing the Device's Secret",
+            "credentials for an MqttBroker endpoint are rotated by putting the new certificate and key "
+            "in the Device's Secret, then setting the cloudconnector.io/rotate annotation",
             reason="ManualCredentialsRequired",
         )
 

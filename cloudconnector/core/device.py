@@ -37,7 +37,7 @@ from cloudconnector.errors import (
     short,
 )
 from cloudconnector.keystore.base import KeyMaterial, KeyWriter
-from cloudconnector.model import Device, Endpoint, Group
+from cloudconnector.model import Device, Endpoint, EndpointType, Group
 
 logger = logging.getLogger(__name__)
 
@@ -229,9 +229,8 @@ class DeviceReconciler:
             st["rotation"] = {"token": device.rotate_token, "rotatedAt": cond.now_rfc3339()}
         report.info("Provisioned", f"{_sim(device)} is {identity.cloud_id} at {endpoint.ref.name}")
 
-    async def _adopt(
-        self, device: Device, endpoint: Endpoint, st: Status, write: _Writer, report: Reporter
-    ) -> None:
+    async def _manual_material(self, device: Device) -> tuple[KeyMaterial, str]:
+        """The device's own certificate and key from its Secret, checked; and its SHA-256."""
         assert device.credentials_secret is not None
         if self._secrets is None:
             raise PermanentError("manual provisioning is not available here", reason="ManualUnsupported")
@@ -247,7 +246,12 @@ class DeviceReconciler:
             ) from None
         info = validate_material(cert_pem, key_pem)  # raises PermanentError naming the problem
         ca = data.get("ca.crt")
-        material = KeyMaterial(cert_pem, key_pem, ca.decode() if ca else None)
+        return KeyMaterial(cert_pem, key_pem, ca.decode() if ca else None), info.sha256
+
+    async def _adopt(
+        self, device: Device, endpoint: Endpoint, st: Status, write: _Writer, report: Reporter
+    ) -> None:
+        material, sha256 = await self._manual_material(device)
         st["endpoint"] = endpoint.ref.name
         st["endpointType"] = endpoint.type.value
         st.setdefault("progress", {})
@@ -262,7 +266,7 @@ class DeviceReconciler:
         _record(st, identity)
         st["manualSecret"] = (
             f"credentials stored in the key store; delete Secret {device.ref.namespace}/"
-            f"{device.credentials_secret} (thumbprint {info.sha256[:16]}...)"
+            f"{device.credentials_secret} (thumbprint {sha256[:16]}...)"
         )
         report.info("Adopted", f"{_sim(device)} is {identity.cloud_id} at {endpoint.ref.name}")
         report.warn("DeleteSecret", f"Secret {device.credentials_secret} is no longer needed: delete it")
@@ -289,9 +293,18 @@ class DeviceReconciler:
             await write(st)
             report.info("Rotating", f"new certificate requested: {why}")
         provisioner = await self._provisioners.get(endpoint)
-        identity = await provisioner.rotate(
-            device, st.setdefault("progress", {}), _checkpoint(st, write, report), self._keys
-        )
+        if device.credentials_secret and endpoint.type is EndpointType.MQTT and not renewal:
+            # A broker's device brings its own certificate: rotating stores the one now in its
+            # Secret (the user replaced it there), which the proxy then uses from the next session.
+            material, _ = await self._manual_material(device)
+            progress = st.setdefault("progress", {})
+            identity = await provisioner.adopt(
+                device, material, progress, _checkpoint(st, write, report), self._keys
+            )
+        else:
+            identity = await provisioner.rotate(
+                device, st.setdefault("progress", {}), _checkpoint(st, write, report), self._keys
+            )
         _record(st, identity)
         st["rotation"] = {"token": token, "rotatedAt": cond.now_rfc3339()}
         cond.drop_condition(st, cond.ROTATING)

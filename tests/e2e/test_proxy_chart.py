@@ -3,7 +3,8 @@ Endpoints with the chart's proxy ServiceAccount token, reads device credentials 
 Kubernetes-auth login with that token, and relays a device (known by its source address) to a
 mosquitto that checks the device certificate (mutual TLS, the certificate's CN as user name, an ACL
 keyed on it). The operator, with its own chart token, adopts the devices' certificates. The
-directory follows the watch: a Device moved to another Endpoint or deleted has its session ended."""
+directory follows the watch: a Device rotated, moved to another Endpoint or deleted has its session
+ended."""
 
 from __future__ import annotations
 
@@ -177,6 +178,40 @@ def test_the_directory_follows_devices_through_the_watch(
             "the Group's connected count",
             lambda: kube.get("Group", ns, "a").get("status", {}).get("connected") == 1,
         )
+
+        # Rotated (a broker's device brings its own certificate: a new one in its Secret, then the
+        # rotate annotation): the session under the old certificate is ended, the next one works.
+        before = kube.get("Device", ns, "meter-61")["status"]["certificateId"]
+        renewed = pki.ca.issue(cloud_id, client=True)
+        data = {
+            "tls.crt": base64.b64encode(renewed.cert_pem.encode()).decode(),
+            "tls.key": base64.b64encode(renewed.key_pem).decode(),
+        }
+        kube.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "meter-61-tls", "namespace": ns},
+                "type": "kubernetes.io/tls",
+                "data": data,
+            }
+        )
+        kube.kubectl("annotate", "ccd", "meter-61", "-n", ns, "cloudconnector.io/rotate=r1", "--overwrite")
+        device.ended()
+        rotated = wait_until(
+            "the rotation",
+            lambda: (
+                (s := kube.get("Device", ns, "meter-61")["status"]).get("rotation", {}).get("token") == "r1"
+                and s
+            ),
+        )
+        assert rotated["certificateId"] != before and rotated["phase"] == "Ready"
+        wait_until(
+            "the proxy to serve the rotated device", lambda: device.connect() == 0, timeout=60, interval=0.5
+        )
+        assert device.client is not None
+        device.client.publish(f"{cloud_id}/telemetry", b"22.0")
+        assert admin.expect().payload == b"22.0"
 
         # Moved to a Group on another Endpoint: the live session is ended, the next one works.
         kube.kubectl("patch", "ccd", "meter-61", "-n", ns, "--type=merge", "-p", '{"spec":{"group":"b"}}')
