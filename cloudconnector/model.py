@@ -134,6 +134,9 @@ class Device:
     rotate_token: str | None = None
     uid: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
+    # Its Group's spec.topicTemplate, filled in by the reconciler for the provisioner (the default
+    # AWS policy follows it); None: the Endpoint's template applies.
+    topic_template: str | None = None
 
 
 def _get(obj: Mapping[str, Any], path: str, *, required: bool = False, default: Any = None) -> Any:

@@ -20,6 +20,7 @@ being removed), ``rotatedFor`` (the rotate-annotation value last carried out).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Mapping
@@ -70,7 +71,7 @@ class AwsIotProvisioner:
         async with self._limiter.admit():  # the whole device, not one call
             journal = Journal(progress, checkpoint)
             await self._ensure_thing(device, journal)
-            await self._ensure_policy(journal)
+            await self._ensure_policy(journal, device)
             cert = await self._certs.issue(device, journal, "certificate", keys)
             return _identity(journal.p, cert)
 
@@ -81,7 +82,7 @@ class AwsIotProvisioner:
             journal = Journal(progress, checkpoint)
             p = journal.p
             await self._ensure_thing(device, journal)
-            await self._ensure_policy(journal)
+            await self._ensure_policy(journal, device)
             current = p.get("certificate") or {}
             if not current.get("active"):
                 # Never finished provisioning: finishing it already yields a fresh certificate.
@@ -114,7 +115,7 @@ class AwsIotProvisioner:
         async with self._limiter.admit():  # the whole device, not one call
             journal = Journal(progress, checkpoint)
             await self._ensure_thing(device, journal)
-            await self._ensure_policy(journal)
+            await self._ensure_policy(journal, device)
             cert = await self._certs.issue(
                 device,
                 journal,
@@ -181,12 +182,15 @@ class AwsIotProvisioner:
         p["thingArn"] = arn
         log.info("Thing %s ready for %s", name, device.ref)
 
-    async def _ensure_policy(self, journal: Journal) -> None:
+    async def _ensure_policy(self, journal: Journal, device: Device) -> None:
         p = journal.p
         if p.get("policyReady"):
             return
         name = policy_name(p["thingName"])
-        document = render(policy_document(self.spec, p["thingArn"]))
+        spec = self.spec
+        if device.topic_template is not None:  # the device's Group sets its own template
+            spec = dataclasses.replace(spec, topic_template=device.topic_template)
+        document = render(policy_document(spec, p["thingArn"]))
         p["policyName"] = name
         await journal.save()
         try:

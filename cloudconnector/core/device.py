@@ -14,6 +14,7 @@ keys were rejected; retry slowly), any other :class:`PermanentError` (phase Fail
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -128,6 +129,8 @@ class DeviceReconciler:
         report: Reporter | None = None,
     ) -> Status:
         """Bring the device's cloud identity in line with its spec; returns the new status."""
+        if group is not None and group.topic_template is not None:
+            device = dataclasses.replace(device, topic_template=group.topic_template)
         st = cond.working_copy(status)
         write = _Writer(st, save)
         report = report or LogReporter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import uuid
@@ -131,3 +132,18 @@ async def test_private_key_never_reaches_the_logs(
     assert body[:64] not in flat
     assert creds["AWS_SESSION_TOKEN"] not in flat
     assert creds["AWS_SECRET_ACCESS_KEY"] not in flat
+
+
+async def test_a_groups_topic_template_shapes_the_default_policy(
+    make_provisioner: Any, iot: Any, keys: Any, namespace: str
+) -> None:
+    # The reconciler hands the provisioner the Group's template (core/device.py): the policy
+    # then allows what the proxy will publish for a device of that Group, and nothing else.
+    device = dataclasses.replace(make_device(namespace, 7), topic_template="site/{group}/{cloudId}/")
+    ident = await make_provisioner().provision(device, {}, Recorder(), keys)
+    doc = json.loads(iot.get_policy(policyName=ident.policy_name)["policyDocument"])
+    by_action = {s["Action"]: s for s in doc["Statement"]}
+    account_prefix = ident.certificate_arn.split(":cert/")[0]
+    below = f"site/*/{THING_VARIABLE}/*"
+    assert by_action["iot:Publish"]["Resource"] == [f"{account_prefix}:topic/{below}"]
+    assert by_action["iot:Subscribe"]["Resource"] == [f"{account_prefix}:topicfilter/{below}"]
