@@ -563,7 +563,7 @@ async def _open_keys(spec: str) -> tuple[Any, Callable[[], Awaitable[None]]]:
         store = VaultKeyStore.from_env()
 
         async def close_vault() -> None:
-            store.close()
+            await store.aclose()  # its HTTP session lives on this loop
 
         return store, close_vault
     from cloudconnector.standalone.keys import open_key_stores
