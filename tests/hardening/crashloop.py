@@ -76,6 +76,20 @@ async def _snapshot(cluster: Cluster) -> tuple[int, int]:
     return ready, mid
 
 
+async def _caught_mid_way(cluster: Cluster, total: int, aim: float = 5.0) -> tuple[int, int]:
+    """After the random delay, aim the kill: wait (up to ``aim`` seconds) for a device that is
+    Provisioning with a progress record. Devices are admitted whole at the rate limit and each
+    spends only a moment between its checkpoints, so a kill at a purely random time would mostly
+    land between devices and prove little."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + aim
+    while True:
+        ready, mid = await _snapshot(cluster)
+        if mid or ready == total or loop.time() > until:
+            return ready, mid
+        await asyncio.sleep(0.02)
+
+
 async def _all_ready(cluster: Cluster, names: list[str], deadline: float) -> None:
     loop = asyncio.get_running_loop()
     until = loop.time() + deadline
@@ -105,7 +119,7 @@ async def crash_loop(cluster: Cluster, fleet: Fleet, operator: OperatorProcess, 
     for _ in range(plan.kills):
         delay = rng.uniform(*plan.delay)
         await asyncio.sleep(delay)
-        ready, mid = await _snapshot(cluster)
+        ready, mid = await _caught_mid_way(cluster, len(run.names))
         operator.kill()
         run.kills.append(KillPoint(delay, ready, mid))
         operator.start()
