@@ -3,7 +3,7 @@
 Every new device connection fetches its credentials (a KV v2 read and a transit decrypt), so this
 path sends them over one kept aiohttp session per event loop (keep-alive, at most
 :data:`MAX_CONNECTIONS` at once) instead of a worker thread per request; docs/benchmarks.md
-section 8 has the measurement behind the choice. hvac stays for setup and the operator's writes
+section 9 has the measurement behind the choice. hvac stays for setup and the operator's writes
 (:mod:`cloudconnector.keystore.vault_session`); both share this module's token state, status
 mapping and login rules, so a fetch fails the same way whichever side sent it:
 
