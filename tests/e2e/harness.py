@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -26,7 +24,7 @@ import hvac
 from cloudconnector.keystore.vault_setup import OPERATOR_POLICY, PROXY_POLICY, AuthRole, AuthSetup, bootstrap
 from tests.helm.chart import CHART_DIR, Rendered, load, render
 from tests.support.kube import ApiError, Kube, install_crds
-from tests.support.procs import Bao, free_port
+from tests.support.procs import Bao, Process, free_port
 
 # Kinds a chart may render whose APIs belong to add-ons this bare API server does not serve.
 ADDON_KINDS = {"ServiceMonitor", "Certificate"}
@@ -91,44 +89,6 @@ def container_args(rendered: Rendered, component: str) -> list[str]:
     ]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     return [str(a) for a in container.get("args", [])]
-
-
-@dataclass
-class Process:
-    """A component run as a local process; killable like a pod whose node died."""
-
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    log: Path
-    proc: subprocess.Popen[bytes] | None = None
-    runs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def start(self) -> Process:
-        out = self.log.open("ab")
-        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=out)
-        self.runs.append(self.proc)
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL: no cleanup, no graceful exit."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
 @dataclass
@@ -198,7 +158,6 @@ class Install:
         env = self.env("operator", **{**quick, **overrides})
         args = container_args(self.rendered, "operator")
         proc = Process(
-            "operator",
             [sys.executable, "-m", "cloudconnector.operator.main", *args],
             env,
             self.workdir / f"operator-{len(self.processes)}.log",
@@ -221,7 +180,6 @@ class Install:
         env = self.env("proxy", **settings)
         args = container_args(self.rendered, "proxy")
         proc = Process(
-            "proxy",
             [sys.executable, "-m", "cloudconnector.proxy.main", *args],
             env,
             self.workdir / f"proxy-{len(self.processes)}.log",

@@ -423,9 +423,7 @@ def test_with_no_settings_the_operator_runs(
     for key in [k for k in env if k.startswith("CLOUDCONNECTOR_") and "VAULT" not in k]:
         del env[key]
     env.update(KUBECONFIG=str(kube.kubeconfig), CLOUDCONNECTOR_NAMESPACES=ns)
-    proc = Process(
-        "operator", [sys.executable, "-m", "cloudconnector.operator.main"], env, tmp_path / "op.log"
-    )
+    proc = Process([sys.executable, "-m", "cloudconnector.operator.main"], env, tmp_path / "op.log")
     proc.start()
     plain = Fleet(kube, ns, moto_server)
     try:

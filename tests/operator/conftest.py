@@ -11,13 +11,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ from cloudconnector import api
 from cloudconnector.keystore.vault_setup import OPERATOR_POLICY, PROXY_POLICY
 from cloudconnector.kube import SECRETS, KubeClient, KubeConfig, Resource
 from tests.operator.apiserver import ApiServer, register_crds
-from tests.support.procs import Bao, Moto, run_bao
+from tests.support.procs import Bao, Moto, Process, run_bao
 from tests.support.vault import bootstrapped, mint_token
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -199,38 +197,11 @@ def aws(moto_server: Moto) -> Callable[[str], Any]:
     return client
 
 
-@dataclass
-class OperatorProcess:
+class OperatorProcess(Process):
     """``python -m cloudconnector.operator.main`` against kmock; killable like a real pod."""
 
-    env: dict[str, str]
-    log: Path
-    proc: subprocess.Popen[bytes] | None = None
-    runs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def start(self) -> None:
-        out = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cloudconnector.operator.main"], env=self.env, stdout=out, stderr=out
-        )
-        self.runs.append(self.proc)
-
-    def kill(self) -> None:
-        """SIGKILL: no cleanup, no graceful exit, as when a node dies."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        super().__init__([sys.executable, "-m", "cloudconnector.operator.main"], env, log)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -144,3 +144,41 @@ def run_mosquitto(config: str, port: int, workdir: Path | None = None) -> Iterat
             yield broker
         finally:
             stop(broker.proc)
+
+
+@dataclass
+class Process:
+    """A component run as a local process (the operator, the proxy); killable like a pod whose
+    node died, restartable, its output kept in ``log``."""
+
+    argv: list[str]
+    env: dict[str, str]
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+    runs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start(self) -> Process:
+        out = self.log.open("ab")
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=out)
+        self.runs.append(self.proc)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, no graceful exit."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
